@@ -1,0 +1,66 @@
+"""Hugging Face <-> GGUF tensor names, from gguf-py's own table (``TensorNameMap``).
+
+llama.cpp's converter permutes the rows of q and k for the llama family (its rope pairs
+adjacent dimensions, Hugging Face's pairs halves); transformers undoes that on GGUF load, so
+writing back must apply it again: :func:`permute_qk`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
+from gguf.tensor_mapping import get_tensor_name_map
+
+from birdbone.io.errors import BirdboneError
+
+# Architectures whose GGUF q/k rows are permuted relative to Hugging Face (convert_hf_to_gguf).
+PERMUTED_QK = {"llama", "mistral"}
+# Architectures the torch bridge has been checked on (round trip tested for llama).
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def _arch_enum(arch: str) -> MODEL_ARCH:
+    for k, v in MODEL_ARCH_NAMES.items():
+        if v == arch:
+            return k
+    raise BirdboneError(f"architecture {arch!r} is unknown to gguf-py")
+
+
+def check_supported(arch: str) -> None:
+    if arch not in SUPPORTED:
+        raise BirdboneError(f"the torch bridge supports {', '.join(sorted(SUPPORTED))}; {arch!r} is not supported yet")
+
+
+def hf_to_gguf_name(arch: str, n_layers: int, hf_name: str) -> str | None:
+    name = get_tensor_name_map(_arch_enum(arch), n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        return None
+    suffix = ".bias" if hf_name.endswith(".bias") else ".weight"
+    return name + suffix
+
+
+def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """Hugging Face q/k rows -> llama.cpp order (as convert_hf_to_gguf's ``LlamaModel.permute``)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_gguf_tensors(arch: str, n_layers: int, n_head: int, n_head_kv: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rename (and re-permute) a Hugging Face state dict into GGUF tensors."""
+    out, unknown = {}, []
+    for hf_name, arr in state.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by both runtimes
+        name = hf_to_gguf_name(arch, n_layers, hf_name)
+        if name is None:
+            unknown.append(hf_name)
+            continue
+        if arch in PERMUTED_QK and name.endswith("attn_q.weight"):
+            arr = permute_qk(arr, n_head, n_head)
+        elif arch in PERMUTED_QK and name.endswith("attn_k.weight"):
+            arr = permute_qk(arr, n_head, n_head_kv)
+        out[name] = arr
+    if unknown:
+        raise BirdboneError(f"no GGUF name for {len(unknown)} tensor(s) of a {arch} model: {', '.join(unknown[:5])}")
+    return out

@@ -1,0 +1,100 @@
+"""A user cache for expensive derived artifacts, keyed by content hash.
+
+What lives here: the F16 form of a quantized parent, and a parent's log-probabilities on a
+text (streamed chunk by chunk, stored as float16, never held whole). Entries are written
+atomically; an entry exists only once complete. The folder is ``platformdirs``' user cache
+(``~/.cache/birdbone`` on Linux; ``XDG_CACHE_HOME`` moves it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from birdbone.io.atomic import atomic_path, clean_stale_temps, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    d = Path(user_cache_dir("birdbone", appauthor=False))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so big inputs are hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    index_path = cache_dir() / "hashes.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    if key in index:
+        return index[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    index[key] = h.hexdigest()
+    write_text_atomic(index_path, json.dumps(index))
+    return index[key]
+
+
+def tokens_sha256(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()
+
+
+def get_or_build(name: str, build: Callable[[Path], None]) -> Path:
+    """The cached file ``name``, built by ``build(tmp_path)`` the first time."""
+    folder = cache_dir()
+    clean_stale_temps(folder)
+    path = folder / name
+    if path.exists():
+        return path
+    log.info("building cache entry %s", path)
+    with atomic_path(path) as tmp:
+        build(tmp)
+    return path
+
+
+class LogprobStore:
+    """Per-chunk log-probabilities of a parent, appended to one float16 file."""
+
+    def __init__(self, key: str):
+        self.data = cache_dir() / f"logprobs-{key}.f16"
+        self.meta = cache_dir() / f"logprobs-{key}.json"
+
+    @property
+    def complete(self) -> bool:
+        return self.meta.exists() and self.data.exists()
+
+    def read(self) -> Iterator[np.ndarray]:
+        info = json.loads(self.meta.read_text())
+        rows, vocab = info["rows_per_chunk"], info["n_vocab"]
+        mm = np.memmap(self.data, dtype=np.float16, mode="r", shape=(info["n_chunks"], rows, vocab))
+        for i in range(info["n_chunks"]):
+            yield np.asarray(mm[i], dtype=np.float32)
+
+    def write(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """Pass chunks through while appending them; the entry completes when the iterator ends."""
+        clean_stale_temps(self.data.parent)
+        n, shape = 0, None
+        with atomic_path(self.data) as tmp:
+            with open(tmp, "wb") as fh:
+                for logp in chunks:
+                    shape = logp.shape
+                    fh.write(np.ascontiguousarray(logp, dtype=np.float16).tobytes())
+                    n += 1
+                    yield logp
+        if shape is not None:
+            write_text_atomic(self.meta, json.dumps({"n_chunks": n, "rows_per_chunk": shape[0], "n_vocab": shape[1]}))

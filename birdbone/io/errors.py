@@ -1,0 +1,20 @@
+"""Errors a user can act on. The CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+import os
+
+
+class BirdboneError(Exception):
+    """A problem with the user's input or environment, stated in one line."""
+
+    exit_code = 2
+
+
+class InputError(BirdboneError):
+    """A file that cannot be used: names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)

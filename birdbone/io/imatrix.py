@@ -1,0 +1,131 @@
+"""Importance matrices in llama.cpp's formats.
+
+Current llama.cpp writes a GGUF with, per weight, ``<name>.in_sum2`` (sums of squared input
+activations per input channel, one row per expert) and ``<name>.counts`` (tokens seen per
+expert), plus ``imatrix.datasets`` / ``imatrix.chunk_count`` / ``imatrix.chunk_size``. The
+legacy ``.dat`` holds per entry ``(name, ncall, values)`` with values = mean × ncall.
+
+Either way, what ``llama_model_quantize`` wants is the per-channel mean, which
+:func:`read_imatrix` returns (as llama.cpp's ``load_imatrix`` computes it).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from birdbone.io.errors import InputError
+from birdbone.io.gguf_reader import GGUFFile
+
+SUM_SUFFIX, COUNT_SUFFIX = ".in_sum2", ".counts"
+
+
+@dataclass
+class Imatrix:
+    values: dict[str, np.ndarray]  # weight name -> mean squared activation per input channel
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+    sums: dict[str, np.ndarray] = field(default_factory=dict)  # raw sums (GGUF format only)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def read_imatrix(path: str | Path) -> Imatrix:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+
+
+def _read_gguf(path: Path) -> Imatrix:
+    with GGUFFile(path) as f:
+        sums, counts = {}, {}
+        for name, t in f.tensors.items():
+            if t.type.name != "F32":
+                raise InputError(path, f"imatrix tensor {name!r} must be F32, is {t.type.name}")
+            arr = f.raw(name).view(np.float32).reshape(tuple(reversed(t.ne))).copy()
+            if name.endswith(SUM_SUFFIX):
+                sums[name[: -len(SUM_SUFFIX)]] = arr
+            elif name.endswith(COUNT_SUFFIX):
+                counts[name[: -len(COUNT_SUFFIX)]] = arr
+        if not sums:
+            raise InputError(path, "GGUF holds no imatrix data (no *.in_sum2 tensors)")
+        if set(sums) != set(counts):
+            odd = sorted(set(sums) ^ set(counts))[:3]
+            raise InputError(path, f"imatrix sums and counts do not pair up: {odd}")
+        ds = f.value("imatrix.datasets", []) or []
+        out = Imatrix({}, list(ds), int(f.value("imatrix.chunk_count", 0) or 0), int(f.value("imatrix.chunk_size", 0) or 0), sums, counts)
+    for name, s in sums.items():
+        c = np.rint(counts[name]).reshape(-1)
+        rows = s.reshape(len(c), -1)
+        mean = np.where(c[:, None] > 0, rows / np.maximum(c[:, None], 1), 1.0)
+        out.values[name] = mean.reshape(-1).astype(np.float32)
+    return out
+
+
+def _read_legacy(path: Path) -> Imatrix:
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str, what: str):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > len(data):
+            raise InputError(path, f"not an imatrix file (GGUF or legacy .dat): truncated at {what}, byte {pos}")
+        v = struct.unpack_from(fmt, data, pos)
+        pos += n
+        return v[0]
+
+    n_entries = take("<i", "entry count")
+    if not 0 < n_entries < 1_000_000:
+        raise InputError(path, f"not an imatrix file (GGUF or legacy .dat): entry count {n_entries}")
+    values = {}
+    for _ in range(n_entries):
+        n = take("<i", "name length")
+        if not 0 < n <= 4096 or pos + n > len(data):
+            raise InputError(path, f"corrupt legacy imatrix: name length {n} at byte {pos}")
+        name = data[pos : pos + n].decode("utf-8", errors="replace")
+        pos += n
+        ncall, nval = take("<i", "ncall"), take("<i", "nval")
+        if nval < 1 or pos + 4 * nval > len(data):
+            raise InputError(path, f"corrupt legacy imatrix: {nval} values for {name!r}")
+        vals = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        pos += 4 * nval
+        values[name] = vals / ncall if ncall > 0 else vals.copy()
+    chunk_count, datasets = 0, []
+    if pos + 4 <= len(data):
+        chunk_count = take("<i", "chunk count")
+        if pos + 4 <= len(data):
+            n = take("<i", "dataset name length")
+            if 0 < n and pos + n <= len(data):
+                datasets.append(data[pos : pos + n].decode("utf-8", errors="replace"))
+    return Imatrix(values, datasets, chunk_count)
+
+
+def write_imatrix(path: str | Path, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray],
+                  datasets: list[str], chunk_count: int, chunk_size: int) -> None:
+    """Write the GGUF imatrix format current llama.cpp reads (atomically)."""
+    import gguf
+
+    from birdbone.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch="", use_temp_file=False)
+        # an imatrix GGUF has general.type instead of an architecture
+        w.kv_data[0].pop("general.architecture", None)
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", list(datasets))
+        w.add_uint32("imatrix.chunk_count", int(chunk_count))
+        w.add_uint32("imatrix.chunk_size", int(chunk_size))
+        for name in sorted(sums):
+            w.add_tensor(name + SUM_SUFFIX, np.atleast_2d(np.ascontiguousarray(sums[name], dtype=np.float32)))
+            w.add_tensor(name + COUNT_SUFFIX, np.ascontiguousarray(counts[name], dtype=np.float32).reshape(-1, 1))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()

@@ -1,0 +1,169 @@
+"""safetensors files (single or sharded with an index) and Hugging Face folders, lazily.
+
+The header is a little-endian u64 length followed by JSON; tensor offsets are relative to
+the end of the header. Files are memory-mapped, never unpickled (``*.bin`` / ``*.pt``
+checkpoints are refused: loading them would run arbitrary code).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from birdbone.io.errors import InputError
+from birdbone.io.model_file import ModelFile, TensorInfo, read_json
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+MAX_HEADER = 100 * 2**20
+
+
+class _SafetensorsShard:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._fh = open(path, "rb")
+        except FileNotFoundError:
+            raise InputError(path, "no such file") from None
+        size = path.stat().st_size
+        if size < 8:
+            self._fh.close()
+            raise InputError(path, "not a safetensors file: too short")
+        (n,) = struct.unpack("<Q", self._fh.read(8))
+        if n > min(size - 8, MAX_HEADER):
+            self._fh.close()
+            raise InputError(path, f"not a safetensors file: header claims {n} bytes")
+        try:
+            header = json.loads(self._fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self._fh.close()
+            raise InputError(path, f"corrupt safetensors header: {e}") from None
+        self.header_meta = header.pop("__metadata__", None) or {}
+        self.data_offset = 8 + n
+        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+        self.entries: dict[str, TensorInfo] = {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                self.close()
+                raise InputError(path, f"corrupt safetensors header entry for {name!r}") from None
+            if dtype not in _DTYPES:
+                self.close()
+                raise InputError(path, f"tensor {name!r} has unsupported dtype {dtype}")
+            if not 0 <= a <= b or self.data_offset + b > size:
+                self.close()
+                raise InputError(path, f"truncated safetensors: tensor {name!r} lies outside the file")
+            self.entries[name] = TensorInfo(name, shape, dtype, b - a, self.data_offset + a, path)
+
+    def raw(self, name: str) -> np.ndarray:
+        t = self.entries[name]
+        return np.frombuffer(self._mm, dtype=np.uint8, count=t.n_bytes, offset=t.offset)
+
+    def tensor(self, name: str) -> np.ndarray:
+        t = self.entries[name]
+        raw = self.raw(name)
+        if t.type == "BF16":
+            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = raw.view(_DTYPES[t.type]).astype(np.float32)
+        return arr.reshape(t.shape)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+        self._fh.close()
+
+
+class _SafetensorsBackend:
+    def __init__(self, shard_paths: list[Path], config: dict | None):
+        self.files = shard_paths
+        self.shards: list[_SafetensorsShard] = []
+        try:
+            for p in shard_paths:
+                self.shards.append(_SafetensorsShard(p))
+        except Exception:
+            self.close()
+            raise
+        self.by_name: dict[str, _SafetensorsShard] = {}
+        for s in self.shards:
+            for name in s.entries:
+                self.by_name[name] = s
+        self.config = config or {}
+        self.metadata = {"config": self.config, "header": self.shards[0].header_meta if self.shards else {}}
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        return self.config.get(key, default)
+
+    def raw(self, name: str) -> np.ndarray:
+        return self.by_name[name].raw(name)
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self.by_name[name].tensor(name)
+
+    def close(self) -> None:
+        for s in self.shards:
+            s.close()
+
+
+def _shards_from_index(index_path: Path) -> list[Path]:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(index_path, "safetensors index has no weight_map")
+    files = sorted(set(weight_map.values()))
+    paths = [index_path.parent / f for f in files]
+    for p in paths:
+        if p.resolve().parent != index_path.resolve().parent:
+            raise InputError(index_path, f"index names a shard outside its folder: {p}")
+        if not p.exists():
+            raise InputError(index_path, f"index names a missing shard: {p.name}")
+    return paths
+
+
+def _architecture(config: dict) -> str:
+    archs = config.get("architectures") or []
+    return archs[0] if archs else config.get("model_type", "unknown")
+
+
+def _build(path: Path, shard_paths: list[Path], config: dict | None, fmt: str) -> ModelFile:
+    backend = _SafetensorsBackend(shard_paths, config)
+    tensors = {name: s.entries[name] for name, s in backend.by_name.items()}
+    return ModelFile(path, fmt, _architecture(backend.config), tensors, backend)
+
+
+def open_safetensors(path: Path) -> ModelFile:
+    config_path = path.parent / "config.json"
+    config = read_json(config_path) if config_path.exists() else None
+    shards = _shards_from_index(path) if path.name.endswith(".index.json") else [path]
+    return _build(path, shards, config, "safetensors")
+
+
+def open_hf_folder(path: Path) -> ModelFile:
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise InputError(path, "folder has no config.json; not a Hugging Face model folder")
+    config = read_json(config_path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = _shards_from_index(index)
+    elif (path / "model.safetensors").exists():
+        shards = [path / "model.safetensors"]
+    else:
+        found = sorted(path.glob("*.safetensors"))
+        if not found:
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+            hint = f" (found {', '.join(pickles)}: pickled checkpoints are not loaded, convert them to safetensors)" if pickles else ""
+            raise InputError(path, "folder has no .safetensors weights" + hint)
+        shards = found
+    return _build(path, shards, config, "hf")
