@@ -213,7 +213,7 @@ def quantize_file(src: str | Path, out: str | Path | None, type_name: str = "Q4_
         with open_model(out) as q:
             types = {n: t.type for n, t in q.tensors.items()}
             result = QuantizeResult(out, ftype_name, types, q.tensor_bytes, q.file_bytes, q.n_params)
-    result.fallbacks = [l.split("warning:", 1)[-1].strip() for l in lines if "falling back" in l]
+    result.fallbacks = [" ".join(l.split("warning:", 1)[-1].split()) for l in lines if "falling back" in l]
     if result.fallbacks:
         log.warning("%d tensor(s) could not take the requested type (row width not a multiple of the block); llama.cpp fell back", len(result.fallbacks))
     return result

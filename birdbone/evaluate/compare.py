@@ -1,0 +1,222 @@
+"""One evaluation of a GGUF against its parent, in one run: bytes, perplexity, KLD, canaries
+and speed, both sides scored on the same token ids.
+
+The parent's log-probabilities on the text are cached (content-hash key) and streamed chunk
+by chunk, so a second evaluation against the same parent only runs the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from birdbone.evaluate.cache import LogprobStore, file_sha256, get_or_build, tokens_sha256
+from birdbone.evaluate.canaries import CANARY_PROMPTS, compare_continuations
+from birdbone.evaluate.kld import KLDAccumulator
+from birdbone.evaluate.perplexity import (PerplexityResult, Windows, chunk_nll, iter_windows, plan_windows,
+                                          summarize_nll)
+from birdbone.evaluate.runtime import LlamaRuntime, Message
+from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.model_file import BUILTIN, open_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ctx: int = 512
+    tokens: int | None = 4096  # tokens of text to score (None: all)
+    decode: int = 64  # decode steps for the speed test (0: skip)
+    canary_tokens: int = 16  # 0: skip canaries
+    threads: int | None = None
+    batch: int = 512
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def load_text(path: str | Path | None) -> tuple[str, str]:
+    """The text to score and a name for reports; the built-in Shakespeare excerpt when None."""
+    if path is None:
+        from birdbone.io.builtin import builtin_text_path
+
+        p = builtin_text_path()
+        return p.read_text(encoding="utf-8"), "builtin:shakespeare.txt"
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(p, "no such file") from None
+    except UnicodeDecodeError:
+        raise InputError(p, "is not UTF-8 text") from None
+    if not text.strip():
+        raise InputError(p, "text file is empty")
+    return text, str(p)
+
+
+def f16_form(model: str | Path, progress: Progress | None = None) -> Path:
+    """The F16 form of a quantized GGUF (cached by content hash): its dequantized weights."""
+    from birdbone.bridge.to_gguf import write_like
+
+    src = resolve_model_path(model)
+    key = file_sha256(src)[:20]
+
+    def build(tmp: Path) -> None:
+        with open_model(src) as m:
+            cb = (lambda i, n: progress("dequantize to F16", i, n)) if progress else None
+            write_like(m, tmp, {name: (lambda name=name: m.tensor(name)) for name in m.tensors}, "F16", progress=cb)
+
+    return get_or_build(f"f16-{key}.gguf", build)
+
+
+def resolve_parent(model: str | Path, parent: str | Path | None, progress: Progress | None = None) -> Path | None:
+    """``builtin`` as a parent (or as the model, with no parent given) means its F16 form."""
+    if parent is None and str(model) == BUILTIN:
+        parent = BUILTIN
+    if parent is None:
+        return None
+    if str(parent) == BUILTIN:
+        return f16_form(BUILTIN, progress)
+    p = resolve_model_path(parent)
+    if not p.exists():
+        raise InputError(p, "no such file")
+    return p
+
+
+# -- scoring ----------------------------------------------------------------------------------
+@dataclass
+class SideReport:
+    """Figures for one model."""
+
+    path: str
+    file_bytes: int
+    n_params: int
+    bits_per_weight: float
+    types: dict[str, int]
+    ppl: PerplexityResult | None = None
+    speed: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("ppl",)}
+        if self.ppl:
+            d.update(self.ppl.as_dict())
+        return d
+
+
+@dataclass
+class EvalReport:
+    model: SideReport
+    parent: SideReport | None
+    text: str
+    n_ctx: int
+    kld: dict = field(default_factory=dict)
+    canaries: dict = field(default_factory=dict)
+
+    @property
+    def delta_ppl_pct(self) -> float | None:
+        if not (self.parent and self.parent.ppl and self.model.ppl):
+            return None
+        return 100.0 * (self.model.ppl.ppl / self.parent.ppl.ppl - 1.0)
+
+    @property
+    def pct_of_parent_bytes(self) -> float | None:
+        return 100.0 * self.model.file_bytes / self.parent.file_bytes if self.parent else None
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model.as_dict(), "parent": self.parent.as_dict() if self.parent else None,
+            "text": self.text, "n_ctx": self.n_ctx, "delta_ppl_pct": self.delta_ppl_pct,
+            "pct_of_parent_bytes": self.pct_of_parent_bytes, **self.kld, **self.canaries,
+        }
+
+
+def describe_file(path: Path) -> SideReport:
+    with open_model(path) as m:
+        hist: dict[str, int] = {}
+        for t in m.tensors.values():
+            hist[t.type] = hist.get(t.type, 0) + 1
+        return SideReport(str(path), m.file_bytes, m.n_params, 8.0 * m.tensor_bytes / max(m.n_params, 1),
+                          dict(sorted(hist.items(), key=lambda kv: -kv[1])))
+
+
+def score_chunks(logits_of: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, w: Windows,
+                 progress: Progress | None = None, label: str = "score") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (nll, log-probs) of each window's scored positions."""
+    for i, chunk in enumerate(iter_windows(tokens, w)):
+        original = tokens[i * w.n_ctx : (i + 1) * w.n_ctx]
+        logits = logits_of(chunk)
+        yield chunk_nll(logits, original[w.first + 1 : w.n_ctx], w)
+        if progress:
+            progress(label, i + 1, w.n_chunks)
+
+
+def parent_logprobs(parent: Path, tokens: np.ndarray, w: Windows, cfg: EvalConfig,
+                    progress: Progress | None = None) -> Iterator[np.ndarray]:
+    """The parent's log-probabilities per window, from the cache or computed and cached."""
+    key = f"{file_sha256(parent)[:16]}-{tokens_sha256(tokens[: w.n_chunks * w.n_ctx])[:16]}-c{w.n_ctx}-n{w.n_chunks}-b{w.bos}"
+    store = LogprobStore(key)
+    if store.complete:
+        log.info("parent log-probabilities from cache %s", store.data)
+        yield from store.read()
+        return
+    with LlamaRuntime(parent, n_ctx=cfg.ctx, n_batch=cfg.batch, threads=cfg.threads) as rt:
+        yield from store.write(logp for _, logp in score_chunks(rt.logits, tokens, w, progress, "score parent"))
+
+
+def greedy_canaries(rt: LlamaRuntime, n: int) -> list[list[int]]:
+    return [rt.greedy(rt.chat_tokens([Message("user", p)]), n) for p in CANARY_PROMPTS]
+
+
+def evaluate(model: str | Path, parent: str | Path | None = None, text: str | Path | None = None,
+             cfg: EvalConfig = EvalConfig(), progress: Progress | None = None) -> EvalReport:
+    """Evaluate a GGUF in llama.cpp, against its parent when one is given (or implied)."""
+    model_path = resolve_model_path(model)
+    parent_path = resolve_parent(model, parent, progress)
+    if parent_path is not None and model_path.resolve() == parent_path.resolve():
+        raise BirdboneError(f"{model_path}: the model and its parent are the same file")
+    body, text_name = load_text(text)
+    report = EvalReport(describe_file(model_path), describe_file(parent_path) if parent_path else None, text_name, cfg.ctx)
+    with LlamaRuntime(model_path, n_ctx=cfg.ctx, n_batch=cfg.batch, threads=cfg.threads) as rt:
+        # Tokenized once, as llama-perplexity does (special tokens added per the vocabulary).
+        tokens = rt.tokenize(body, add_special=True)
+        try:
+            w = plan_windows(len(tokens), cfg.ctx, cfg.tokens, rt.bos if rt.add_bos else None)
+        except ValueError as e:
+            raise InputError(text_name, str(e)) from None
+        nlls, parent_nlls, kld = [], [], KLDAccumulator()
+        parent_stream = parent_logprobs(parent_path, tokens, w, cfg, progress) if parent_path else None
+        for i, (nll, logp) in enumerate(score_chunks(rt.logits, tokens, w, progress, "score model")):
+            nlls.append(nll)
+            if parent_stream is not None:
+                plogp = next(parent_stream)
+                if plogp.shape != logp.shape:
+                    raise BirdboneError(f"{parent_path}: vocabulary ({plogp.shape[-1]}) differs from the model's ({logp.shape[-1]})")
+                targets = tokens[i * w.n_ctx + w.first + 1 : (i + 1) * w.n_ctx]
+                parent_nlls.append(-plogp[np.arange(len(targets)), targets])
+                kld.add(plogp, logp)
+        if parent_stream is not None:
+            for _ in parent_stream:  # finish the stream so the cache entry completes
+                pass
+        report.model.ppl = summarize_nll(np.concatenate(nlls), w)
+        if cfg.canary_tokens:
+            model_out = greedy_canaries(rt, cfg.canary_tokens)
+        if cfg.decode:
+            report.model.speed = rt.speed(n_decode=cfg.decode)
+    if parent_path is not None:
+        report.parent.ppl = summarize_nll(np.concatenate(parent_nlls), w)
+        report.kld = kld.result()
+        if cfg.canary_tokens or cfg.decode:
+            with LlamaRuntime(parent_path, n_ctx=cfg.ctx, n_batch=cfg.batch, threads=cfg.threads) as prt:
+                if cfg.canary_tokens:
+                    report.canaries = compare_continuations(model_out, greedy_canaries(prt, cfg.canary_tokens), cfg.canary_tokens).as_dict()
+                if cfg.decode:
+                    report.parent.speed = prt.speed(n_decode=cfg.decode)
+    return report
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
