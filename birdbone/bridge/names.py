@@ -35,8 +35,10 @@ def hf_to_gguf_name(arch: str, n_layers: int, hf_name: str) -> str | None:
     name = get_tensor_name_map(_arch_enum(arch), n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         return None
-    suffix = ".bias" if hf_name.endswith(".bias") else ".weight"
-    return name + suffix
+    # gguf-py returns the suffix it matched with; add it only when it did not
+    if name.endswith((".weight", ".bias")):
+        return name
+    return name + (".bias" if hf_name.endswith(".bias") else ".weight")
 
 
 def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:

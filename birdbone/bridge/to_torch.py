@@ -7,6 +7,8 @@ in eval mode, with the GGUF quantizer marker dropped so ``save_pretrained`` work
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -34,12 +36,14 @@ def load_causal_lm(model: str | Path):
 
             with open_model(path) as m:
                 check_supported(m.architecture)
-            lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+            # transformers' GGUF loader draws a tqdm bar on stderr whatever its settings say
+            with contextlib.redirect_stderr(io.StringIO()):
+                lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
             _drop_gguf_marker(lm)
         elif path.is_dir():
-            lm = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         elif path.suffix == ".safetensors" and (path.parent / "config.json").exists():
-            lm = AutoModelForCausalLM.from_pretrained(str(path.parent), torch_dtype=torch.float32)
+            lm = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32)
         else:
             raise InputError(path, "torch needs a GGUF, a Hugging Face folder, or a .safetensors file with config.json beside it")
     except (OSError, ValueError) as e:
