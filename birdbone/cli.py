@@ -313,10 +313,10 @@ def main() -> None:
     try:
         app()
     except BirdboneError as e:
-        err_console.print(f"birdbone: error: {e}", markup=False, highlight=False)
+        sys.stderr.write(f"birdbone: error: {' '.join(str(e).split())}\n")  # one line, never wrapped
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("birdbone: interrupted")
+        sys.stderr.write("birdbone: interrupted\n")
         sys.exit(130)
 
 

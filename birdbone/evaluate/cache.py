@@ -1,7 +1,7 @@
 """A user cache for expensive derived artifacts, keyed by content hash.
 
 What lives here: the F16 form of a quantized parent, and a parent's log-probabilities on a
-text (streamed chunk by chunk, stored as float16, never held whole). Entries are written
+text (streamed chunk by chunk, stored as float32 so cached and fresh runs agree exactly, never held whole). Entries are written
 atomically; an entry exists only once complete. The folder is ``platformdirs``' user cache
 (``~/.cache/birdbone`` on Linux; ``XDG_CACHE_HOME`` moves it).
 """
@@ -68,10 +68,10 @@ def get_or_build(name: str, build: Callable[[Path], None]) -> Path:
 
 
 class LogprobStore:
-    """Per-chunk log-probabilities of a parent, appended to one float16 file."""
+    """Per-chunk log-probabilities of a parent, appended to one float32 file."""
 
     def __init__(self, key: str):
-        self.data = cache_dir() / f"logprobs-{key}.f16"
+        self.data = cache_dir() / f"logprobs-{key}.f32"
         self.meta = cache_dir() / f"logprobs-{key}.json"
 
     @property
@@ -81,9 +81,9 @@ class LogprobStore:
     def read(self) -> Iterator[np.ndarray]:
         info = json.loads(self.meta.read_text())
         rows, vocab = info["rows_per_chunk"], info["n_vocab"]
-        mm = np.memmap(self.data, dtype=np.float16, mode="r", shape=(info["n_chunks"], rows, vocab))
+        mm = np.memmap(self.data, dtype=np.float32, mode="r", shape=(info["n_chunks"], rows, vocab))
         for i in range(info["n_chunks"]):
-            yield np.asarray(mm[i], dtype=np.float32)
+            yield np.asarray(mm[i])
 
     def write(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """Pass chunks through while appending them; the entry completes when the iterator ends."""
@@ -93,7 +93,7 @@ class LogprobStore:
             with open(tmp, "wb") as fh:
                 for logp in chunks:
                     shape = logp.shape
-                    fh.write(np.ascontiguousarray(logp, dtype=np.float16).tobytes())
+                    fh.write(np.ascontiguousarray(logp, dtype=np.float32).tobytes())
                     n += 1
                     yield logp
         if shape is not None:

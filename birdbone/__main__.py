@@ -1,0 +1,3 @@
+from birdbone.cli import main
+
+main()

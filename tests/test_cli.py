@@ -1,0 +1,97 @@
+"""The ``birdbone`` command: help for every verb, JSON that parses, one-line errors, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from birdbone.cli import app
+
+VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat"]
+runner = CliRunner()
+
+
+def birdbone(*args, check=True):
+    """Run the real console entry point in a fresh process (llama.cpp's C log included)."""
+    env = dict(os.environ, COLUMNS="200")
+    p = subprocess.run([sys.executable, "-m", "birdbone", *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}")
+    return p
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb):
+    r = runner.invoke(app, [verb, "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "Usage" in r.output and len(r.output) > 200
+    if verb != "chat":
+        assert "--json" in r.output
+    if verb in ("quantize", "convert"):
+        assert "--out" in r.output
+
+
+def test_inspect_json_parses(tiny):
+    p = birdbone("inspect", tiny.gguf_f16, "--json")
+    info = json.loads(p.stdout)
+    assert info["architecture"] == "llama" and info["n_tensors"] == len(info["tensors"])
+    assert info["types"]["F32"] >= 5
+
+
+def test_quantize_json_parses_and_llama_log_stays_off_stdout(tiny_k, tmp_path):
+    out = tmp_path / "q.gguf"
+    p = birdbone("-v", "-v", "quantize", tiny_k.gguf_f16, "-o", out, "--type", "Q4_K_M", "--tensor-type", "ffn_down=Q8_0", "--json")
+    report = json.loads(p.stdout)  # llama.cpp's chatty log must not reach stdout
+    assert "llama_model_quantize" in p.stderr or "quant" in p.stderr
+    assert report["types"]["blk.1.ffn_down.weight"] == "Q8_0" and out.exists()
+    dry = json.loads(birdbone("quantize", tiny_k.gguf_f16, "--type", "Q4_K_M", "--tensor-type", "ffn_down=Q8_0", "--dry-run", "--json").stdout)
+    assert dry["types"] == report["types"] and dry["dry_run"]
+
+
+def test_eval_json_parses(tiny, tmp_path):
+    p = birdbone("eval", tiny.gguf_f16, "--parent", tiny.gguf_f32, "--ctx", "64", "--tokens", "256", "--decode", "4", "--canary-tokens", "4", "--json")
+    r = json.loads(p.stdout)
+    assert r["kld_mean"] >= 0 and r["model"]["ppl"] > 1 and r["model"]["speed"]["decode_tok_s"] > 0
+
+
+def test_generate_json(tiny):
+    r = json.loads(birdbone("generate", tiny.gguf_f16, "--prompt", "Hello", "-n", "5", "--json").stdout)
+    assert r["n_tokens"] <= 5 and isinstance(r["reply"], str)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "/no/such/model.gguf"], "no such file"),
+    (["quantize", "{txt}", "-o", "{tmp}/o.gguf"], "unknown model format"),
+    (["quantize", "{gguf}", "-o", "{tmp}/o.gguf", "--type", "Q9_X"], "unknown llama.cpp file type"),
+    (["quantize", "{gguf}", "-o", "{gguf}"], "same file as an input"),
+    (["quantize", "{gguf}", "-o", "{tmp}/o.gguf", "--tensor-type", "ffn=Q9"], "unknown tensor type"),
+    (["eval", "{gguf}", "--text", "{tmp}/missing.txt"], "no such file"),
+    (["convert", "{hf}", "-o", "{tmp}/o.gguf"], "--like"),
+])
+def test_bad_input_is_one_line_exit_2(tiny, tmp_path, args, message):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not a model")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    subs = {"{txt}": str(txt), "{tmp}": str(tmp_path), "{gguf}": str(tiny.gguf_f16), "{hf}": str(tiny.hf_dir)}
+    argv = []
+    for a in args:
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        argv.append(a)
+    p = birdbone(*argv, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_chat_reads_turns(tiny):
+    env = dict(os.environ, COLUMNS="200")
+    p = subprocess.run([sys.executable, "-m", "birdbone", "chat", str(tiny.gguf_f16), "-n", "4"], input="Hello\n/reset\nAgain\n/exit\n",
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
