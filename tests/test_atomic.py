@@ -1,0 +1,55 @@
+"""Outputs appear whole or not at all; inputs are never overwritten; killed runs are cleaned."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from birdbone.io.atomic import TEMP_PREFIX, atomic_path, check_output, clean_stale_temps
+from birdbone.io.errors import InputError
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"whole")
+    assert out.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_stale_temps_are_cleaned_fresh_ones_kept(tmp_path):
+    stale, fresh = tmp_path / f"{TEMP_PREFIX}1-a.gguf", tmp_path / f"{TEMP_PREFIX}2-b.gguf"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clean_stale_temps(tmp_path) == [stale]
+    assert fresh.exists() and not stale.exists()
+
+
+def test_check_output_refuses_input_and_full_disk(tmp_path):
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF")
+    with pytest.raises(InputError, match="same file as an input"):
+        check_output(src, [src])
+    with pytest.raises(InputError, match="same file as an input"):
+        check_output(tmp_path / "." / "m.gguf", [src])
+    with pytest.raises(InputError, match="not enough disk space"):
+        check_output(tmp_path / "o.gguf", [src], need_bytes=2**62)
+    with pytest.raises(InputError, match="does not exist"):
+        check_output(tmp_path / "no" / "o.gguf", [src])
+
+
+def test_importing_birdbone_is_lean():
+    """The CLI's import must not pull torch or transformers (they load only when a verb needs them)."""
+    code = "import sys, birdbone.cli, birdbone.io, birdbone.evaluate.compare; print(sorted(m for m in ('torch','transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
