@@ -7,17 +7,9 @@ trained on birdbone's Shakespeare excerpt; the built-in model comes from an inst
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-# birdbone is not installed into the venv (no `pip install -e .`) and pytest's rootdir is not
-# on sys.path by default: put the repository root first so `birdbone` and `tests.fixtures`
-# import from this checkout.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # Before torch is imported anywhere: the CI machine has 2 cores, and the suite must not
 # reach for the network (transformers / huggingface_hub honour these).

@@ -214,6 +214,8 @@ class GGUFFile:
             value, item_type = _read_value(cur, vtype, key)
             self.fields[key] = MetaField(key, vtype, value, item_type)
         align_field = self.fields.get("general.alignment")
+        if align_field and align_field.type not in (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64):
+            raise InputError(self.path, f"corrupt GGUF: general.alignment has type {align_field.type.name}, expected an unsigned integer")
         self.alignment = int(align_field.value) if align_field else DEFAULT_ALIGNMENT
         if self.alignment <= 0 or self.alignment & (self.alignment - 1):
             raise InputError(self.path, f"corrupt GGUF: alignment {self.alignment} is not a power of two")

@@ -126,6 +126,8 @@ def open_model(model: str | os.PathLike) -> ModelFile:
         from birdbone.io.gguf_model import open_gguf
 
         return open_gguf(path)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt") or magic[:2] == b"PK":
+        raise InputError(path, "looks like a pickled PyTorch checkpoint; birdbone never unpickles files (convert it to safetensors)")
     if path.suffix == ".json":
         raise InputError(path, "a JSON file is not a model; pass the folder or the .safetensors file")
     raise InputError(path, f"unknown model format (magic {magic!r}); expected a GGUF, a .safetensors file or a Hugging Face folder")

@@ -45,22 +45,30 @@ class _SafetensorsShard:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             self._fh.close()
             raise InputError(path, f"corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            self._fh.close()
+            raise InputError(path, "corrupt safetensors header: not a JSON object")
         self.header_meta = header.pop("__metadata__", None) or {}
         self.data_offset = 8 + n
         self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
         self.entries: dict[str, TensorInfo] = {}
         for name, e in header.items():
             try:
-                dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+                dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+                if not isinstance(dtype, str) or not all(isinstance(v, int) and v >= 0 for v in (*shape, a, b)):
+                    raise TypeError
             except (KeyError, TypeError, ValueError):
                 self.close()
                 raise InputError(path, f"corrupt safetensors header entry for {name!r}") from None
             if dtype not in _DTYPES:
                 self.close()
                 raise InputError(path, f"tensor {name!r} has unsupported dtype {dtype}")
-            if not 0 <= a <= b or self.data_offset + b > size:
+            if not a <= b or self.data_offset + b > size:
                 self.close()
                 raise InputError(path, f"truncated safetensors: tensor {name!r} lies outside the file")
+            if b - a != int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize:
+                self.close()
+                raise InputError(path, f"corrupt safetensors: tensor {name!r} has {b - a} bytes, its shape {list(shape)} and {dtype} need another size")
             self.entries[name] = TensorInfo(name, shape, dtype, b - a, self.data_offset + a, path)
 
     def raw(self, name: str) -> np.ndarray:
@@ -121,6 +129,8 @@ def _shards_from_index(index_path: Path) -> list[Path]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(index_path, "safetensors index has no weight_map")
+    if not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(index_path, "safetensors index weight_map values must be file names")
     files = sorted(set(weight_map.values()))
     paths = [index_path.parent / f for f in files]
     for p in paths:
@@ -133,7 +143,16 @@ def _shards_from_index(index_path: Path) -> list[Path]:
 
 def _architecture(config: dict) -> str:
     archs = config.get("architectures") or []
-    return archs[0] if archs else config.get("model_type", "unknown")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    return str(config.get("model_type", "unknown"))
+
+
+def _read_config(path: Path) -> dict:
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise InputError(path, "config.json is not a JSON object")
+    return config
 
 
 def _build(path: Path, shard_paths: list[Path], config: dict | None, fmt: str) -> ModelFile:
@@ -144,16 +163,18 @@ def _build(path: Path, shard_paths: list[Path], config: dict | None, fmt: str) -
 
 def open_safetensors(path: Path) -> ModelFile:
     config_path = path.parent / "config.json"
-    config = read_json(config_path) if config_path.exists() else None
+    config = _read_config(config_path) if config_path.exists() else None
     shards = _shards_from_index(path) if path.name.endswith(".index.json") else [path]
     return _build(path, shards, config, "safetensors")
 
 
 def open_hf_folder(path: Path) -> ModelFile:
     config_path = path / "config.json"
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    pickle_hint = f" (found {', '.join(pickles)}: pickled checkpoints are never loaded, convert them to safetensors)" if pickles else ""
     if not config_path.exists():
-        raise InputError(path, "folder has no config.json; not a Hugging Face model folder")
-    config = read_json(config_path)
+        raise InputError(path, "folder has no config.json; not a Hugging Face model folder" + pickle_hint)
+    config = _read_config(config_path)
     index = path / "model.safetensors.index.json"
     if index.exists():
         shards = _shards_from_index(index)
@@ -162,8 +183,6 @@ def open_hf_folder(path: Path) -> ModelFile:
     else:
         found = sorted(path.glob("*.safetensors"))
         if not found:
-            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-            hint = f" (found {', '.join(pickles)}: pickled checkpoints are not loaded, convert them to safetensors)" if pickles else ""
-            raise InputError(path, "folder has no .safetensors weights" + hint)
+            raise InputError(path, "folder has no .safetensors weights" + pickle_hint)
         shards = found
     return _build(path, shards, config, "hf")
