@@ -105,7 +105,7 @@ def test_short_text_is_a_clear_error(tiny, tmp_path):
 def test_perplexity_parity_with_llama_perplexity():
     """Golden figures from llama.cpp's own llama-perplexity (tests/golden/README.md)."""
     golden = json.loads(GOLDEN.read_text())
-    text = SHARED / golden["text"]
+    text = SHARED / golden["text_file"]
     if not text.exists():
         pytest.skip(f"{text} is not here (../shared/data)")
     cfg = EvalConfig(ctx=golden["n_ctx"], tokens=golden["n_ctx"] * golden["n_chunks"], **FAST)
@@ -114,10 +114,11 @@ def test_perplexity_parity_with_llama_perplexity():
     body, _ = load_text(text)
     with LlamaRuntime("builtin", n_ctx=cfg.ctx, threads=2) as rt:
         toks = rt.tokenize(body)
-        assert len(toks) == golden["n_tokens"]
+        # llama.cpp's -f drops one trailing newline; the scored windows are far from the end
+        assert abs(len(toks) - golden["n_tokens"]) <= 1
         w = plan_windows(len(toks), cfg.ctx, cfg.tokens, rt.bos if rt.add_bos else None)
         nll = np.concatenate([n for n, _ in score_chunks(rt.logits, toks, w)])
     res = summarize_nll(nll, w)
-    assert res.ppl == pytest.approx(golden["final_ppl"], rel=2e-3)
+    assert res.ppl == pytest.approx(golden["ppl"], rel=2e-3)
     running = [math.exp(nll[: (i + 1) * w.scored_per_chunk].mean()) for i in range(w.n_chunks)]
     np.testing.assert_allclose(running, golden["chunk_ppl"], rtol=2e-3)

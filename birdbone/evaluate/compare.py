@@ -45,11 +45,11 @@ def load_text(path: str | Path | None) -> tuple[str, str]:
         from birdbone.io.builtin import builtin_text_path
 
         p = builtin_text_path()
-        return p.read_text(encoding="utf-8"), "builtin:shakespeare.txt"
+        return p.read_bytes().decode("utf-8"), "builtin:shakespeare.txt"
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = p.read_bytes().decode("utf-8")  # bytes as they are: CRLF stays CRLF, as llama.cpp reads it
+    except (FileNotFoundError, IsADirectoryError):
         raise InputError(p, "no such file") from None
     except UnicodeDecodeError:
         raise InputError(p, "is not UTF-8 text") from None

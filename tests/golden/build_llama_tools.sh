@@ -80,6 +80,12 @@ mkdir -p "$OUT_DIR/bin"
 for t in llama-perplexity llama-imatrix; do
     cp -f "$BUILD/bin/$t" "$OUT_DIR/bin/$t"
 done
-printf 'llama-cpp-python %s vendored llama.cpp (%s)\n' "$LCP_VERSION" "$LLAMA_SRC" \
-    > "$OUT_DIR/SOURCE.txt"
+# Record where the tools came from (the sdist ships the submodule's git metadata).
+COMMIT="$(git -C "$LLAMA_SRC" rev-parse HEAD 2>/dev/null || echo unknown)"
+{
+    echo "source=llama-cpp-python $LCP_VERSION sdist, vendor/llama.cpp"
+    echo "llama_cpp_commit=$COMMIT"
+    echo "cmake_flags=-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF"
+    echo "build_seconds=$((end - start))"
+} > "$OUT_DIR/SOURCE.txt"
 echo "built in $((end - start)) s: $OUT_DIR/bin/llama-perplexity $OUT_DIR/bin/llama-imatrix" >&2
