@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from birdbone.bridge import load_causal_lm
-from birdbone.bridge.torch_eval import torch_logits
 from birdbone.evaluate.cache import LogprobStore
-from birdbone.evaluate.compare import EvalConfig, evaluate
+from birdbone.evaluate.compare import EvalConfig, evaluate, evaluate_torch
 from birdbone.evaluate.perplexity import chunk_nll, iter_windows, log_softmax, plan_windows, summarize_nll
 from birdbone.evaluate.runtime import LlamaRuntime
 from birdbone.io.errors import InputError
@@ -51,16 +50,11 @@ def test_eval_perplexity_matches_manual_scoring_and_torch(tiny):
     cfg = EvalConfig(ctx=64, tokens=640, **FAST)
     r = evaluate(tiny.gguf_f32, None, None, cfg)
     assert r.parent is None and r.model.ppl.n_chunks == 10 and r.model.ppl.n_tokens == 10 * 31
-    text = (Path(__file__).resolve().parents[1] / "birdbone" / "data" / "shakespeare.txt").read_text()
-    with LlamaRuntime(tiny.gguf_f32, n_ctx=64) as rt:
-        toks = rt.tokenize(text)
-    w = plan_windows(len(toks), 64, 640, None)
-    lm = load_causal_lm(tiny.hf_dir)
-    nll = []
-    for i, chunk in enumerate(iter_windows(toks, w)):
-        lp = log_softmax(torch_logits(lm, chunk))
-        nll += [-lp[j, toks[i * 64 + j + 1]] for j in range(32, 63)]
-    torch_ppl = summarize_nll(np.array(nll), w).ppl
+    # the same windows scored in torch: the HF folder's model, token ids from the GGUF's tokenizer
+    torch_report = evaluate_torch(load_causal_lm(tiny.hf_dir), tiny.gguf_f32, tiny.gguf_f32, None, cfg)
+    torch_ppl = torch_report.model.ppl.ppl
+    assert torch_report.parent.ppl.ppl == pytest.approx(r.model.ppl.ppl, rel=1e-9)  # the parent side is llama.cpp
+    assert torch_report.kld["kld_mean"] < 1e-6 and torch_report.kld["top1_agreement"] == 1.0
     assert r.model.ppl.ppl == pytest.approx(torch_ppl, rel=1e-4)
     assert 1.0 < r.model.ppl.ppl < tiny.vocab * 4  # a random model: near-uniform, finite
 

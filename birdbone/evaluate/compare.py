@@ -8,7 +8,6 @@ by chunk, so a second evaluation against the same parent only runs the model.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -167,6 +166,40 @@ def parent_logprobs(parent: Path, tokens: np.ndarray, w: Windows, cfg: EvalConfi
         yield from store.write(logp for _, logp in score_chunks(rt.logits, tokens, w, progress, "score parent"))
 
 
+def score_against_parent(logits_of: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, w: Windows,
+                         parent: Path | None, cfg: EvalConfig, progress: Progress | None, label: str):
+    """Score every window; against the parent's (cached) log-probabilities when there is one.
+
+    Returns (model NLLs, parent NLLs or None, KLD statistics).
+    """
+    nlls, parent_nlls, kld = [], [], KLDAccumulator()
+    parent_stream = parent_logprobs(parent, tokens, w, cfg, progress) if parent is not None else None
+    for i, (nll, logp) in enumerate(score_chunks(logits_of, tokens, w, progress, label)):
+        nlls.append(nll)
+        if parent_stream is None:
+            continue
+        plogp = next(parent_stream)
+        if plogp.shape != logp.shape:
+            raise BirdboneError(f"{parent}: vocabulary ({plogp.shape[-1]}) differs from the model's ({logp.shape[-1]})")
+        targets = tokens[i * w.n_ctx + w.first + 1 : (i + 1) * w.n_ctx]
+        parent_nlls.append(-plogp[np.arange(len(targets)), targets])
+        kld.add(plogp, logp)
+    if parent_stream is None:
+        return np.concatenate(nlls), None, {}
+    for _ in parent_stream:  # finish the stream so the cache entry completes
+        pass
+    return np.concatenate(nlls), np.concatenate(parent_nlls), kld.result()
+
+
+def tokens_and_windows(rt: LlamaRuntime, body: str, text_name: str, cfg: EvalConfig) -> tuple[np.ndarray, Windows]:
+    """Tokenize once, as llama-perplexity does (special tokens added per the vocabulary), and plan the windows."""
+    tokens = rt.tokenize(body, add_special=True)
+    try:
+        return tokens, plan_windows(len(tokens), cfg.ctx, cfg.tokens, rt.bos if rt.add_bos else None)
+    except ValueError as e:
+        raise InputError(text_name, str(e)) from None
+
+
 def greedy_canaries(rt: LlamaRuntime, n: int) -> list[list[int]]:
     return [rt.greedy(rt.chat_tokens([Message("user", p)]), n) for p in CANARY_PROMPTS]
 
@@ -181,34 +214,15 @@ def evaluate(model: str | Path, parent: str | Path | None = None, text: str | Pa
     body, text_name = load_text(text)
     report = EvalReport(describe_file(model_path), describe_file(parent_path) if parent_path else None, text_name, cfg.ctx)
     with LlamaRuntime(model_path, n_ctx=cfg.ctx, n_batch=cfg.batch, threads=cfg.threads) as rt:
-        # Tokenized once, as llama-perplexity does (special tokens added per the vocabulary).
-        tokens = rt.tokenize(body, add_special=True)
-        try:
-            w = plan_windows(len(tokens), cfg.ctx, cfg.tokens, rt.bos if rt.add_bos else None)
-        except ValueError as e:
-            raise InputError(text_name, str(e)) from None
-        nlls, parent_nlls, kld = [], [], KLDAccumulator()
-        parent_stream = parent_logprobs(parent_path, tokens, w, cfg, progress) if parent_path else None
-        for i, (nll, logp) in enumerate(score_chunks(rt.logits, tokens, w, progress, "score model")):
-            nlls.append(nll)
-            if parent_stream is not None:
-                plogp = next(parent_stream)
-                if plogp.shape != logp.shape:
-                    raise BirdboneError(f"{parent_path}: vocabulary ({plogp.shape[-1]}) differs from the model's ({logp.shape[-1]})")
-                targets = tokens[i * w.n_ctx + w.first + 1 : (i + 1) * w.n_ctx]
-                parent_nlls.append(-plogp[np.arange(len(targets)), targets])
-                kld.add(plogp, logp)
-        if parent_stream is not None:
-            for _ in parent_stream:  # finish the stream so the cache entry completes
-                pass
-        report.model.ppl = summarize_nll(np.concatenate(nlls), w)
+        tokens, w = tokens_and_windows(rt, body, text_name, cfg)
+        nll, parent_nll, report.kld = score_against_parent(rt.logits, tokens, w, parent_path, cfg, progress, "score model")
+        report.model.ppl = summarize_nll(nll, w)
         if cfg.canary_tokens:
             model_out = greedy_canaries(rt, cfg.canary_tokens)
         if cfg.decode:
             report.model.speed = rt.speed(n_decode=cfg.decode)
     if parent_path is not None:
-        report.parent.ppl = summarize_nll(np.concatenate(parent_nlls), w)
-        report.kld = kld.result()
+        report.parent.ppl = summarize_nll(parent_nll, w)
         if cfg.canary_tokens or cfg.decode:
             with LlamaRuntime(parent_path, n_ctx=cfg.ctx, n_batch=cfg.batch, threads=cfg.threads) as prt:
                 if cfg.canary_tokens:
@@ -218,5 +232,25 @@ def evaluate(model: str | Path, parent: str | Path | None = None, text: str | Pa
     return report
 
 
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
+def evaluate_torch(lm, tokenizer_gguf: str | Path, parent: str | Path | None = None, text: str | Path | None = None,
+                   cfg: EvalConfig = EvalConfig(), progress: Progress | None = None) -> EvalReport:
+    """Evaluate a ``transformers`` model on the same windows and token ids as :func:`evaluate`.
+
+    Token ids come from ``tokenizer_gguf`` (llama.cpp's tokenizer of a GGUF of the same
+    vocabulary, usually the parent), so both sides score identical ids.
+    """
+    from birdbone.bridge.torch_eval import torch_logits
+
+    parent_path = resolve_parent(tokenizer_gguf, parent, progress) if parent is not None else None
+    body, text_name = load_text(text)
+    with LlamaRuntime(tokenizer_gguf, n_ctx=cfg.ctx, n_batch=cfg.batch, threads=cfg.threads) as rt:
+        tokens, w = tokens_and_windows(rt, body, text_name, cfg)
+    n_params = sum(p.numel() for p in lm.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    side = SideReport(f"torch:{type(lm).__name__}", n_bytes, n_params, 8.0 * n_bytes / max(n_params, 1), {})
+    report = EvalReport(side, describe_file(parent_path) if parent_path else None, text_name, cfg.ctx)
+    nll, parent_nll, report.kld = score_against_parent(lambda c: torch_logits(lm, c), tokens, w, parent_path, cfg, progress, "score torch model")
+    report.model.ppl = summarize_nll(nll, w)
+    if parent_path is not None:
+        report.parent.ppl = summarize_nll(parent_nll, w)
+    return report
