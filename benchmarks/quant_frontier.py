@@ -53,28 +53,27 @@ def main() -> int:
     cfg = EvalConfig(ctx=args.ctx, tokens=args.tokens, decode=64, canary_tokens=16, threads=args.threads)
     rows = []
     started = time.time()
-    for name in ["F16", *TYPES, *REFERENCE_ONLY]:
-        t0 = time.time()
-        if name == "F16":
-            path, hist, fallbacks = parent, {"F16": 211, "F32": 61}, 0
-            r = evaluate(parent, None, args.text, cfg)
-        else:
-            path = work / f"smollm2-135m-{name.lower()}.gguf"
-            q = quantize_file(parent, path, name, threads=args.threads)
-            hist, fallbacks = q.type_histogram(), len(q.fallbacks)
-            r = evaluate(path, parent, args.text, cfg)
-        m = r.model
-        row = {
-            "type": name, "file": path.name, "bytes": m.file_bytes, "bits_per_weight": m.bits_per_weight,
-            "types_written": m.types if name != "F16" else hist, "fallbacks": fallbacks,
-            "ppl": m.ppl.ppl, "ppl_stderr": m.ppl.ppl_stderr, "n_scored": m.ppl.n_tokens,
-            "kld_mean": r.kld.get("kld_mean", 0.0 if name == "F16" else None), "kld_p99": r.kld.get("kld_p99"),
-            "top1_agreement": r.kld.get("top1_agreement"), "canary_exact": r.canaries.get("canary_exact"),
-            "prompt_tok_s": m.speed.get("prompt_tok_s"), "decode_tok_s": m.speed.get("decode_tok_s"),
-            "reference_only": REFERENCE_ONLY.get(name), "seconds": time.time() - t0,
+    def row_of(name, path, side, r, hist, fallbacks, seconds):
+        return {
+            "type": name, "file": path.name, "bytes": side.file_bytes, "bits_per_weight": side.bits_per_weight,
+            "types_written": hist, "fallbacks": fallbacks,
+            "ppl": side.ppl.ppl, "ppl_stderr": side.ppl.ppl_stderr, "n_scored": side.ppl.n_tokens,
+            "kld_mean": r.kld.get("kld_mean") if r else 0.0, "kld_p99": r.kld.get("kld_p99") if r else None,
+            "top1_agreement": r.kld.get("top1_agreement") if r else None, "canary_exact": r.canaries.get("canary_exact") if r else None,
+            "prompt_tok_s": side.speed.get("prompt_tok_s"), "decode_tok_s": side.speed.get("decode_tok_s"),
+            "reference_only": REFERENCE_ONLY.get(name), "seconds": seconds,
         }
-        rows.append(row)
-        log.info("%s: %.1f MiB ppl %.3f kld %s (%.0f s)", name, row["bytes"] / 2**20, row["ppl"], row["kld_mean"], row["seconds"])
+
+    for name in [*TYPES, *REFERENCE_ONLY]:
+        t0 = time.time()
+        path = work / f"smollm2-135m-{name.lower()}.gguf"
+        q = quantize_file(parent, path, name, threads=args.threads)
+        # The parent is scored once (first call) and its log-probabilities come from the cache after.
+        r = evaluate(path, parent, args.text, cfg)
+        if not rows:
+            rows.append(row_of("F16", parent, r.parent, None, r.parent.types, 0, 0.0))
+        rows.append(row_of(name, path, r.model, r, q.type_histogram(), len(q.fallbacks), time.time() - t0))
+        log.info("%s: %.1f MiB ppl %.3f kld %.5f (%.0f s)", name, rows[-1]["bytes"] / 2**20, rows[-1]["ppl"], rows[-1]["kld_mean"], rows[-1]["seconds"])
     f16 = rows[0]
     for row in rows:
         row["pct_of_f16_bytes"] = 100.0 * row["bytes"] / f16["bytes"]
