@@ -245,6 +245,106 @@ def convert(
         out_console.print(f"wrote {path} ({type_.upper()})")
 
 
+# -- anatomy: dissect / assemble / graft -----------------------------------------------------
+def _validate_or_skip(path: Path, source, do_validate: bool) -> dict | None:
+    if not do_validate:
+        return None
+    from birdbone.anatomy.validate import validate
+
+    return validate(path, source, threads=G.threads).as_dict()
+
+
+@app.command()
+def dissect(
+    model: str = MODEL_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Organ folder to create (must not exist, or be empty)."),
+    as_json: bool = JSON_OPT,
+):
+    """Take a GGUF apart: one file per tensor (stored bytes untouched) by role, plus manifest.json."""
+    from birdbone.anatomy.dissect import dissect as run
+
+    with progress_bar() as cb:
+        manifest = run(model, out, (lambda i, n: cb("dissect", i, n)) if cb else None)
+    roles: dict[str, int] = {}
+    for t in manifest["tensors"]:
+        roles[t["role"]] = roles.get(t["role"], 0) + 1
+    report = {"out": str(out), "source": manifest["source"], "tensors": len(manifest["tensors"]), "roles": roles}
+    if as_json:
+        emit_json(report)
+    else:
+        out_console.print(f"dissected {manifest['source']['name']} into {out}: {len(manifest['tensors'])} tensors ("
+                          + ", ".join(f"{k} {v}" for k, v in roles.items()) + f"); source sha256 {manifest['source']['sha256'][:16]}…")
+
+
+@app.command()
+def assemble(
+    organ_dir: Path = typer.Argument(..., help="An organ folder written by birdbone dissect."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output GGUF."),
+    accept_edits: bool = typer.Option(False, "--accept-edits", help="Tensor files whose sha256 differs from the manifest are edits, not corruption."),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write shards of at most this size (e.g. 2G), as llama.cpp's gguf-split."),
+    do_validate: bool = typer.Option(True, "--validate/--no-validate", help="Load the result in llama.cpp and generate before reporting success."),
+    as_json: bool = JSON_OPT,
+):
+    """Put an organ folder back together as a GGUF (byte-identical when untouched)."""
+    from birdbone.anatomy.assemble import assemble as run, parse_size
+    from birdbone.anatomy.manifest import load_manifest
+
+    size = parse_size(split_max_size) if split_max_size else None
+    with progress_bar() as cb:
+        res = run(organ_dir, out, accept_edits, size, (lambda i, n: cb("assemble", i, n)) if cb else None)
+    from birdbone.io.hashing import file_sha256
+
+    source = load_manifest(organ_dir).data["source"]
+    identical = len(res.outputs) == 1 and file_sha256(res.outputs[0]) == source["sha256"]
+    validation = _validate_or_skip(res.outputs[0], None, do_validate)
+    report = {"outputs": [str(p) for p in res.outputs], "bytes": res.bytes, "edited": res.edited,
+              "identical_to_source": identical, "validation": validation}
+    if as_json:
+        emit_json(report)
+    else:
+        out_console.print(f"wrote {', '.join(map(str, res.outputs))} ({mib(res.bytes)} MiB)"
+                          + ("; byte-identical to the source" if identical else "")
+                          + (f"; edited: {', '.join(res.edited)}" if res.edited else ""))
+        if validation:
+            out_console.print(f"llama.cpp loads it and generates: {validation['generated']!r}")
+
+
+@app.command()
+def graft(
+    base: Path = typer.Option(..., "--base", help="Base GGUF or organ folder."),
+    donor: Path = typer.Option(..., "--donor", help="Donor GGUF or organ folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output GGUF."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layer range, e.g. 5-20 or 1,4-6."),
+    roles: List[str] = typer.Option([], "--roles", help="Roles to take: skeleton, organ, embed, norm, adapter, other (repeatable or comma-separated)."),
+    tensors: Optional[str] = typer.Option(None, "--tensors", help="Regex on tensor names."),
+    convert_types: bool = typer.Option(False, "--convert", help="Requantize donor tensors whose type differs from the base's."),
+    do_validate: bool = typer.Option(True, "--validate/--no-validate", help="Load the result in llama.cpp and generate before reporting success."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Also evaluate the result against the base on this text."),
+    as_json: bool = JSON_OPT,
+):
+    """Graft organs from a donor into a base (checked first; nothing is written on a mismatch)."""
+    from birdbone.anatomy.graft import graft as run
+
+    role_list = [r.strip() for spec in roles for r in spec.split(",") if r.strip()]
+    with progress_bar() as cb:
+        res = run(base, donor, out, layers, role_list or None, tensors, convert_types, (lambda i, n: cb("graft", i, n)) if cb else None)
+    report = {"out": str(res.out), "tensors": res.tensors, "converted": res.converted, "changed_share": res.changed_share,
+              "validation": _validate_or_skip(res.out, None, do_validate)}
+    evaluation = None
+    if text is not None and base.is_file():
+        evaluation = _run_eval(str(res.out), str(base), text, 512, 4096, 0, 0)
+        report["eval"] = evaluation.as_dict()
+    if as_json:
+        emit_json(report)
+        return
+    out_console.print(f"grafted {len(res.tensors)} tensor(s) into {res.out}")
+    if res.converted:
+        mean = sum(res.converted.values()) / len(res.converted)
+        out_console.print(f"{len(res.converted)} converted to the base's types; on average {100 * mean:.1f}% of their weights changed")
+    if evaluation:
+        print_eval(evaluation)
+
+
 # -- generate / chat --------------------------------------------------------------------------
 @app.command()
 def generate(
@@ -257,7 +357,7 @@ def generate(
     as_json: bool = JSON_OPT,
 ):
     """Generate a reply through llama.cpp with the model's chat template."""
-    from birdbone.evaluate.runtime import LlamaRuntime, Message
+    from birdbone.io.runtime import LlamaRuntime, Message
 
     with LlamaRuntime(model, n_ctx=ctx, threads=G.threads) as rt:
         toks = rt.tokenize(prompt, add_special=True) if raw else rt.chat_tokens([Message("user", prompt)])
@@ -278,7 +378,7 @@ def chat(
     ctx: int = typer.Option(2048, "--ctx", help="Context window; the conversation is re-encoded each turn."),
 ):
     """Talk to a model in the terminal (llama.cpp, the model's chat template). /reset clears, /exit quits."""
-    from birdbone.evaluate.runtime import LlamaRuntime, Message
+    from birdbone.io.runtime import LlamaRuntime, Message
 
     with LlamaRuntime(model, n_ctx=ctx, threads=G.threads) as rt:
         history: list[Message] = [Message("system", system)] if system else []

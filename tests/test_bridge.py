@@ -11,7 +11,7 @@ from birdbone.bridge.names import permute_qk
 from birdbone.bridge.torch_eval import state_dict_numpy, torch_logits
 from birdbone.evaluate.kld import token_kld
 from birdbone.evaluate.perplexity import log_softmax
-from birdbone.evaluate.runtime import LlamaRuntime
+from birdbone.io.runtime import LlamaRuntime
 from birdbone.io import open_model
 from birdbone.io.errors import BirdboneError
 

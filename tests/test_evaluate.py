@@ -14,7 +14,7 @@ from birdbone.bridge import load_causal_lm
 from birdbone.evaluate.cache import LogprobStore
 from birdbone.evaluate.compare import EvalConfig, evaluate, evaluate_torch
 from birdbone.evaluate.perplexity import chunk_nll, iter_windows, log_softmax, plan_windows, summarize_nll
-from birdbone.evaluate.runtime import LlamaRuntime
+from birdbone.io.runtime import LlamaRuntime
 from birdbone.io.errors import InputError
 from birdbone.io.quantize import quantize_file
 

@@ -86,7 +86,7 @@ def test_fixture_is_deterministic_and_untied_works(tiny, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from birdbone.evaluate.runtime import LlamaRuntime
+    from birdbone.io.runtime import LlamaRuntime
 
     again = make_tiny_llama(tmp_path / "again")
     for a, b in [(tiny.gguf_f32, again.gguf_f32), (tiny.gguf_f16, again.gguf_f16), (tiny.safetensors, again.safetensors),
@@ -116,7 +116,7 @@ def test_hf_tokenizer_loads_with_chat_template(tiny):
 def test_llama_cpp_tokenizes_like_tokenizers(tiny, which):
     from tokenizers import Tokenizer
 
-    from birdbone.evaluate.runtime import LlamaRuntime
+    from birdbone.io.runtime import LlamaRuntime
 
     tok = Tokenizer.from_file(str(tiny.tokenizer_json))
     with LlamaRuntime(getattr(tiny, which), n_ctx=128) as rt:
@@ -135,7 +135,7 @@ def test_llama_cpp_tokenizes_the_whole_corpus_like_tokenizers(tiny):
     """Every line of the training text: the GGUF's tokenizer.ggml.pre must match ByteLevel's regex."""
     from tokenizers import Tokenizer
 
-    from birdbone.evaluate.runtime import LlamaRuntime
+    from birdbone.io.runtime import LlamaRuntime
     from tests.fixtures.tiny import shakespeare_text
 
     tok = Tokenizer.from_file(str(tiny.tokenizer_json))
@@ -146,7 +146,7 @@ def test_llama_cpp_tokenizes_the_whole_corpus_like_tokenizers(tiny):
 
 
 def _msg(role, content):
-    from birdbone.evaluate.runtime import Message
+    from birdbone.io.runtime import Message
 
     return Message(role, content)
 
@@ -160,7 +160,7 @@ def test_llama_cpp_logits_match_transformers(request, model, which, tol):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from birdbone.evaluate.runtime import LlamaRuntime
+    from birdbone.io.runtime import LlamaRuntime
 
     tiny = request.getfixturevalue(model)
     ids = np.random.default_rng(0).integers(3, tiny.vocab, size=32)
@@ -275,7 +275,7 @@ def test_split_gguf(tiny, tmp_path):
 
 
 def test_split_gguf_loads_in_llama_cpp(tiny, tmp_path):
-    from birdbone.evaluate.runtime import LlamaRuntime
+    from birdbone.io.runtime import LlamaRuntime
 
     files = write_llama_gguf(tmp_path / "tiny.gguf", tiny, expected_gguf(tiny), f16=False, split_max_tensors=12)
     ids = np.arange(3, 19)

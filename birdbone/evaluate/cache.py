@@ -17,37 +17,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from birdbone.io.atomic import atomic_path, clean_stale_temps, write_text_atomic
+from birdbone.io.hashing import file_sha256, user_cache_dir  # noqa: F401  (file_sha256 re-exported)
 
 log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    from platformdirs import user_cache_dir
-
-    d = Path(user_cache_dir("birdbone", appauthor=False))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so big inputs are hashed once."""
-    path = Path(path).resolve()
-    st = path.stat()
-    index_path = cache_dir() / "hashes.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    if key in index:
-        return index[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    index[key] = h.hexdigest()
-    write_text_atomic(index_path, json.dumps(index))
-    return index[key]
+    return user_cache_dir()
 
 
 def tokens_sha256(tokens: np.ndarray) -> str:

@@ -19,7 +19,7 @@ from birdbone.evaluate.canaries import CANARY_PROMPTS, compare_continuations
 from birdbone.evaluate.kld import KLDAccumulator
 from birdbone.evaluate.perplexity import (PerplexityResult, Windows, chunk_nll, iter_windows, plan_windows,
                                           summarize_nll)
-from birdbone.evaluate.runtime import LlamaRuntime, Message
+from birdbone.io.runtime import LlamaRuntime, Message
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.model_file import BUILTIN, open_model, resolve_model_path
 

@@ -64,7 +64,7 @@ class LazyArray:
             out, pos = [], self.offset
             for _ in range(self.count):
                 (n,) = struct.unpack_from("<Q", self.buf, pos)
-                out.append(bytes(self.buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"))
+                out.append(bytes(self.buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="surrogateescape"))
                 pos += 8 + n
             return out
         if self.item_type == GGUFValueType.ARRAY:

@@ -1,0 +1,110 @@
+"""``birdbone dissect``: a GGUF becomes a folder of organs, one file per tensor.
+
+One sequential pass over the source: header and padding feed the whole-file sha256, each
+tensor's bytes go untouched into its own file and its own sha256. Memory stays bounded by the
+copy chunk. The folder appears only when complete (built under a temporary name, renamed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from birdbone.anatomy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, ROLE_DIRS, dumps
+from birdbone.anatomy.roles import classify
+from birdbone.io.atomic import TEMP_PREFIX, clean_stale_temps
+from birdbone.io.errors import InputError
+from birdbone.io.gguf_layout import CHUNK, layout_of
+from birdbone.io.gguf_reader import SPLIT_RE, GGUFFile
+from birdbone.io.model_file import resolve_model_path
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Refuse a non-empty output folder; return the temporary folder to build in."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(out, "output folder exists and is not empty")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise InputError(out, f"parent folder {parent} does not exist")
+    clean_stale_temps(parent)
+    return parent / f"{TEMP_PREFIX}{os.getpid()}-{out.name}"
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        out.rmdir()  # checked empty
+    os.replace(tmp, out)
+
+
+def dissect(model: str | Path, out: str | Path, progress: Callable[[int, int], None] | None = None) -> dict:
+    src = resolve_model_path(model)
+    out = Path(out)
+    if SPLIT_RE.match(src.name):
+        raise InputError(src, "dissect takes a single-file GGUF; this is one shard of a split model")
+    tmp = prepare_out_dir(out)
+    try:
+        with GGUFFile(src) as f:
+            manifest = _dissect_into(f, src, tmp, progress)
+        commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _dissect_into(f: GGUFFile, src: Path, folder: Path, progress) -> dict:
+    layout = layout_of(f)
+    for d in ROLE_DIRS.values():
+        (folder / d).mkdir(parents=True)
+    whole = hashlib.sha256()
+    buf, pos = f.buf, 0
+
+    def feed_until(end: int) -> None:  # header / padding bytes between tensors
+        nonlocal pos
+        for start in range(pos, end, CHUNK):
+            whole.update(buf[start : min(start + CHUNK, end)])
+        pos = max(pos, end)
+
+    entries, used = {}, set()
+    ordered = sorted(f.tensors.values(), key=lambda t: t.offset)
+    for i, t in enumerate(ordered):
+        feed_until(t.offset)
+        a = classify(t.name)
+        base = _UNSAFE.sub("_", t.name)
+        rel = f"{ROLE_DIRS[a.role]}/{base}.bin"
+        k = 1
+        while rel in used:
+            k += 1
+            rel = f"{ROLE_DIRS[a.role]}/{base}.{k}.bin"
+        used.add(rel)
+        h = hashlib.sha256()
+        with open(folder / rel, "wb") as fh:
+            for start in range(t.offset, t.offset + t.n_bytes, CHUNK):
+                piece = buf[start : min(start + CHUNK, t.offset + t.n_bytes)]
+                h.update(piece)
+                whole.update(piece)
+                fh.write(piece)
+        pos = t.offset + t.n_bytes
+        entries[t.name] = {
+            "name": t.name, "role": a.role, "layer": a.layer, "organ": a.organ,
+            "shape": list(reversed(t.ne)), "ne": list(t.ne), "type": t.type.name, "bytes": t.n_bytes,
+            "offset": t.offset - f.data_offset, "sha256": h.hexdigest(), "file": rel,
+        }
+        if progress:
+            progress(i + 1, len(ordered))
+    feed_until(len(buf))
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "source": {"name": src.name, "bytes": len(buf), "sha256": whole.hexdigest()},
+        "gguf": {"version": layout.version, "alignment": layout.alignment, "tail": layout.tail},
+        "metadata": [{"key": kv.key, "type": kv.type.name, "item_type": kv.item_type.name if kv.item_type else None, "value": kv.value}
+                     for kv in layout.kvs],
+        "tensors": [entries[t.name] for t in f.tensors.values()],  # file (tensor info) order
+    }
+    (folder / MANIFEST).write_text(dumps(manifest), encoding="utf-8")
+    return manifest

@@ -1,0 +1,147 @@
+"""``birdbone graft``: take organs from a donor and put them into a base.
+
+Everything is checked before anything is written: same architecture, the chosen tensors
+present in both, same shapes, same types (or ``convert``: the donor's tensor is requantized to
+the base's type with :func:`quantize_tensor`, and the share of weights that actually changed is
+reported — a small change can round back onto the base's codes). The output is the base,
+streamed, with the chosen tensors' bytes replaced and provenance under ``birdbone.graft.*``:
+the base's and donor's sha256 and the grafted tensor names, enough to undo it from the base.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from gguf.constants import GGUFValueType
+
+from birdbone.anatomy.body import Body, copy_layout, decode
+from birdbone.anatomy.roles import ROLES, classify
+from birdbone.io.atomic import check_output
+from birdbone.io.errors import BirdboneError
+from birdbone.io.gguf_layout import KV, write_layout
+from birdbone.io.quantize import quantize_tensor
+
+log = logging.getLogger(__name__)
+
+
+class GraftRefused(BirdboneError):
+    """The bodies do not fit together; the message lists every mismatch."""
+
+
+@dataclass
+class GraftResult:
+    out: Path
+    tensors: list[str]
+    converted: dict[str, float] = field(default_factory=dict)  # name -> share of weights changed vs the base
+    changed_share: dict[str, float] = field(default_factory=dict)
+
+
+def parse_layers(spec: str | None, n_layers: int | None) -> set[int] | None:
+    """``'5-20'``, ``'3'``, ``'1,4-6'`` -> layer indices; checked against the model's block count."""
+    if spec is None:
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise BirdboneError(f"--layers {spec!r}: expected ranges like 5-20 or 1,4-6")
+        a, b = int(m[1]), int(m[2] or m[1])
+        if b < a:
+            raise BirdboneError(f"--layers {spec!r}: range {a}-{b} runs backwards")
+        out.update(range(a, b + 1))
+    if n_layers is not None and max(out) >= n_layers:
+        raise BirdboneError(f"--layers {spec!r}: the model has layers 0-{n_layers - 1}")
+    return out
+
+
+def select(donor: Body, layers: set[int] | None, roles: Iterable[str] | None, pattern: str | None) -> list[str]:
+    roles = set(roles) if roles else None
+    if roles and not roles <= set(ROLES):
+        raise BirdboneError(f"--roles: unknown role(s) {sorted(roles - set(ROLES))}; known: {', '.join(ROLES)}")
+    rx = re.compile(pattern) if pattern else None
+    chosen = []
+    for name in donor.entries:
+        a = classify(name)
+        if layers is not None and a.layer not in layers:
+            continue
+        if roles is not None and a.role not in roles:
+            continue
+        if rx is not None and not rx.search(name):
+            continue
+        chosen.append(name)
+    return chosen
+
+
+def check_fit(base: Body, donor: Body, names: list[str], convert: bool) -> list[str]:
+    problems = []
+    if base.architecture != donor.architecture:
+        problems.append(f"architecture: base {base.architecture}, donor {donor.architecture}")
+    arch = base.architecture
+    for key in (f"{arch}.block_count", f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"):
+        if base.meta(key) != donor.meta(key):
+            problems.append(f"{key}: base {base.meta(key)}, donor {donor.meta(key)}")
+    for n in names:
+        if n not in base.entries:
+            problems.append(f"{n}: the base has no such tensor")
+            continue
+        b, d = base.entries[n], donor.entries[n]
+        if b.ne != d.ne:
+            problems.append(f"{n}: shape base {list(reversed(b.ne))}, donor {list(reversed(d.ne))}")
+        elif b.type != d.type and not convert:
+            problems.append(f"{n}: type base {b.type.name}, donor {d.type.name} (pass --convert to requantize the donor's tensor)")
+    return problems
+
+
+def graft(base_path: str | Path, donor_path: str | Path, out: str | Path, layers: str | None = None,
+          roles: Iterable[str] | None = None, tensors: str | None = None, convert: bool = False,
+          progress: Callable[[int, int], None] | None = None) -> GraftResult:
+    out = Path(out)
+    with Body(base_path) as base, Body(donor_path) as donor:
+        arch = base.architecture
+        n_layers = base.meta(f"{arch}.block_count")
+        names = select(donor, parse_layers(layers, n_layers), roles, tensors)
+        if not names:
+            raise GraftRefused("the selection matches no donor tensor (check --layers, --roles, --tensors)")
+        problems = check_fit(base, donor, names, convert)
+        if problems:
+            raise GraftRefused(f"cannot graft {donor.name} into {base.name}: " + "; ".join(problems))
+        check_output(out, [base.path, donor.path], need_bytes=sum(t.n_bytes for t in base.layout.tensors) + 2**20)
+        replacement: dict[str, bytes] = {}
+        result = GraftResult(out, names)
+        for n in names:
+            b, d = base.entries[n], donor.entries[n]
+            if b.type != d.type:
+                q = quantize_tensor(donor.tensor(n), b.type, name=n)
+                replacement[n] = q.data.tobytes()
+                result.converted[n] = float(np.mean(q.dequantize() != base.tensor(n)))
+            else:
+                replacement[n] = donor.raw(n).tobytes()
+            result.changed_share[n] = result.converted.get(n, float(np.mean(decode(replacement[n], b) != base.tensor(n))))
+        layout = copy_layout(base.layout)
+        _set_kvs(layout, {
+            "birdbone.graft.base": (GGUFValueType.STRING, base.name, None),
+            "birdbone.graft.base_sha256": (GGUFValueType.STRING, base.sha256, None),
+            "birdbone.graft.donor": (GGUFValueType.STRING, donor.name, None),
+            "birdbone.graft.donor_sha256": (GGUFValueType.STRING, donor.sha256, None),
+            "birdbone.graft.tensors": (GGUFValueType.ARRAY, names, GGUFValueType.STRING),
+            "birdbone.graft.converted": (GGUFValueType.ARRAY, sorted(result.converted) or [""], GGUFValueType.STRING),
+        })
+
+        def chunks_of(t):
+            if t.name in replacement:
+                return [replacement[t.name]]
+            return base.chunks(t.name)
+
+        write_layout(out, layout, chunks_of, progress)
+    log.info("grafted %d tensor(s) from %s", len(names), donor_path)
+    return result
+
+
+def _set_kvs(layout, values: dict) -> None:
+    keep = [kv for kv in layout.kvs if kv.key not in values]
+    layout.kvs = keep + [KV(k, t, v, it) for k, (t, v, it) in values.items()]
