@@ -106,6 +106,7 @@ def fmt(x, spec: str = ".4f", suffix: str = "") -> str:
 def inspect(model: str = MODEL_ARG, as_json: bool = JSON_OPT,
             tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="Include the per-tensor table.")):
     """Architecture, parameters, bytes and the per-tensor table (name, shape, type, bytes)."""
+    from birdbone.anatomy import classify, summarize
     from birdbone.io.model_file import open_model
 
     with open_model(model) as m:
@@ -117,18 +118,33 @@ def inspect(model: str = MODEL_ARG, as_json: bool = JSON_OPT,
             "n_tensors": len(m.tensors), "n_params": m.n_params, "file_bytes": m.file_bytes, "tensor_bytes": m.tensor_bytes,
             "bits_per_weight": 8.0 * m.tensor_bytes / max(m.n_params, 1), "types": hist,
             "metadata_keys": len(m.metadata) if m.format == "gguf" else len(m.metadata.get("config", {})),
+            "anatomy": summarize(m.tensors),
         }
-        rows = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.n_bytes} for t in m.tensors.values()]
+        rows = []
+        for t in m.tensors.values():
+            a = classify(t.name)
+            rows.append({"name": t.name, "role": a.role, "layer": a.layer, "shape": list(t.shape), "type": t.type, "bytes": t.n_bytes})
     if as_json:
         emit_json({**info, "tensors": rows if tensors else None})
         return
     out_console.print(f"[bold]{info['path']}[/bold]  ({info['format']}, {info['architecture']})")
     out_console.print(f"{info['n_tensors']} tensors, {info['n_params']:,} parameters, {mib(info['file_bytes'])} MiB on disk, "
                       f"{info['bits_per_weight']:.2f} bits per weight; types: " + ", ".join(f"{k}×{v}" for k, v in hist.items()))
+    anatomy = info["anatomy"]
+    roles = Table("role", "tensors", "parameters", "MiB", "% of bytes", title="anatomy", box=None)
+    for role, c in anatomy["roles"].items():
+        if c["n_tensors"]:
+            roles.add_row(role, str(c["n_tensors"]), f"{c['n_params']:,}", mib(c["n_bytes"]), f"{100 * c['n_bytes'] / max(anatomy['total']['n_bytes'], 1):.1f}")
+    out_console.print(roles)
+    layers = Table("layer", "skeleton MiB", "organ MiB", "norm KiB", "parameters", title="per layer", box=None)
+    for layer in anatomy["layers"]:
+        r = layer["roles"]
+        layers.add_row(str(layer["layer"]), mib(r["skeleton"]["n_bytes"]), mib(r["organ"]["n_bytes"]), f"{r['norm']['n_bytes'] / 1024:.1f}", f"{layer['n_params']:,}")
+    out_console.print(layers)
     if tensors:
-        table = Table("name", "shape", "type", "bytes", box=None)
+        table = Table("name", "role", "layer", "shape", "type", "bytes", box=None)
         for r in rows:
-            table.add_row(r["name"], "×".join(map(str, r["shape"])), r["type"], f"{r['bytes']:,}")
+            table.add_row(r["name"], r["role"], "" if r["layer"] is None else str(r["layer"]), "×".join(map(str, r["shape"])), r["type"], f"{r['bytes']:,}")
         out_console.print(table)
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from birdbone.cli import app
 
-VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat"]
+VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft"]
 runner = CliRunner()
 
 
@@ -32,7 +32,7 @@ def test_every_verb_has_help(verb):
     assert "Usage" in r.output and len(r.output) > 200
     if verb != "chat":
         assert "--json" in r.output
-    if verb in ("quantize", "convert"):
+    if verb in ("quantize", "convert", "dissect", "assemble", "graft"):
         assert "--out" in r.output
 
 
@@ -41,6 +41,17 @@ def test_inspect_json_parses(tiny):
     info = json.loads(p.stdout)
     assert info["architecture"] == "llama" and info["n_tensors"] == len(info["tensors"])
     assert info["types"]["F32"] >= 5
+    assert info["anatomy"]["roles"]["skeleton"]["n_tensors"] == 8 and info["tensors"][0]["role"]
+
+
+def test_dissect_assemble_graft_json(tiny, tmp_path):
+    d = json.loads(birdbone("dissect", tiny.gguf_f16, "-o", tmp_path / "organs", "--json").stdout)
+    assert d["tensors"] == 20 and d["roles"]["organ"] == 6
+    a = json.loads(birdbone("assemble", tmp_path / "organs", "-o", tmp_path / "back.gguf", "--json").stdout)
+    assert a["identical_to_source"] and a["validation"]["n_tokens"] == 8
+    g = json.loads(birdbone("graft", "--base", tiny.gguf_f16, "--donor", tmp_path / "organs", "-o", tmp_path / "g.gguf",
+                            "--layers", "1", "--roles", "organ", "--json").stdout)
+    assert len(g["tensors"]) == 3 and g["validation"]["n_tokens"] == 8
 
 
 def test_quantize_json_parses_and_llama_log_stays_off_stdout(tiny_k, tmp_path):
@@ -72,12 +83,15 @@ def test_generate_json(tiny):
     (["quantize", "{gguf}", "-o", "{tmp}/o.gguf", "--tensor-type", "ffn=Q9"], "unknown tensor type"),
     (["eval", "{gguf}", "--text", "{tmp}/missing.txt"], "no such file"),
     (["convert", "{hf}", "-o", "{tmp}/o.gguf"], "--like"),
+    (["graft", "--base", "{gguf}", "--donor", "{gguf32}", "-o", "{tmp}/g.gguf", "--layers", "7-9"], "the model has layers 0-1"),
+    (["graft", "--base", "{gguf}", "--donor", "{gguf32}", "-o", "{tmp}/g.gguf", "--layers", "0"], "type base F16, donor F32"),
+    (["assemble", "{tmp}", "-o", "{tmp}/a.gguf"], "no manifest.json"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny, tmp_path, args, message):
     txt = tmp_path / "notes.txt"
     txt.write_text("not a model")
     before = sorted(p.name for p in tmp_path.iterdir())
-    subs = {"{txt}": str(txt), "{tmp}": str(tmp_path), "{gguf}": str(tiny.gguf_f16), "{hf}": str(tiny.hf_dir)}
+    subs = {"{txt}": str(txt), "{tmp}": str(tmp_path), "{gguf}": str(tiny.gguf_f16), "{gguf32}": str(tiny.gguf_f32), "{hf}": str(tiny.hf_dir)}
     argv = []
     for a in args:
         for k, v in subs.items():
