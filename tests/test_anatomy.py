@@ -51,36 +51,42 @@ def test_dissect_assemble_is_byte_identical(tiny_k, tmp_path):
 
 
 def test_edits_differ_exactly_where_made(tiny_k, tmp_path):
+    edit_and_check(tiny_k.gguf_f16, tmp_path, "blk.1.ffn_up.weight", "llama.rope.freq_base", 20000.0)
+
+
+def edit_and_check(src, tmp_path, tensor, key, value):
+    """Zero the first 64 bytes of one tensor file and change one float32 metadata value."""
     organs = tmp_path / "organs"
-    dissect(tiny_k.gguf_f16, organs)
+    dissect(src, organs)
     m = load_manifest(organs)
-    entry = m.by_name["blk.1.ffn_up.weight"]
+    entry = m.by_name[tensor]
     f = organs / entry["file"]
     data = bytearray(f.read_bytes())
-    data[:64] = bytes(64)  # zero the first 32 F16 weights
+    data[:64] = bytes(64)  # F16: the first 32 weights; Q4_1: the first blocks (scale 0)
     f.write_bytes(bytes(data))
     with pytest.raises(InputError, match="sha256 differs"):
         assemble(organs, tmp_path / "refused.gguf")
     assert not (tmp_path / "refused.gguf").exists()
     manifest = json.loads((organs / "manifest.json").read_text())
     for kv in manifest["metadata"]:
-        if kv["key"] == "llama.rope.freq_base":
-            kv["value"] = 20000.0
+        if kv["key"] == key:
+            old = kv["value"]
+            kv["value"] = value
     (organs / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "edited.gguf"
     res = assemble(organs, out, accept_edits=True)
-    assert res.edited == ["blk.1.ffn_up.weight"]
-    with open_model(tiny_k.gguf_f16) as a, open_model(out) as b:
-        assert b.meta("llama.rope.freq_base") == 20000.0 and a.meta("llama.rope.freq_base") == 10000.0
+    assert res.edited == [tensor]
+    with open_model(src) as a, open_model(out) as b:
+        assert b.meta(key) == value and a.meta(key) == old
         for name in a.tensors:
             same = a.raw(name).tobytes() == b.raw(name).tobytes()
-            assert same == (name != "blk.1.ffn_up.weight"), name
-        diff = np.flatnonzero(a.raw("blk.1.ffn_up.weight") != b.raw("blk.1.ffn_up.weight"))
+            assert same == (name != tensor), name
+        diff = np.flatnonzero(a.raw(tensor) != b.raw(tensor))
         assert diff.max() < 64
-    src, new = tiny_k.gguf_f16.read_bytes(), out.read_bytes()
-    assert len(src) == len(new)
-    changed = np.flatnonzero(np.frombuffer(src, np.uint8) != np.frombuffer(new, np.uint8))
-    assert len(changed) <= 64 + 4  # the zeroed weights and the four bytes of the float32 key
+    before, after = src.read_bytes(), out.read_bytes()
+    assert len(before) == len(after)
+    changed = np.flatnonzero(np.frombuffer(before, np.uint8) != np.frombuffer(after, np.uint8))
+    assert len(changed) <= 64 + 4  # the zeroed bytes and the four bytes of the float32 key
     validate(out)
 
 
@@ -196,4 +202,7 @@ def test_builtin_dissect_assemble_identical(tmp_path, builtin_path):
     out = tmp_path / "back.gguf"
     assemble(organs, out)
     assert sha(out) == sha(builtin_path)
+    validate(out, builtin_path)
     shutil.rmtree(organs)
+    out.unlink()
+    edit_and_check(builtin_path, tmp_path, "blk.10.ffn_up.weight", "llama.rope.freq_base", 50000.0)
