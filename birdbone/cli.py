@@ -261,6 +261,52 @@ def convert(
         out_console.print(f"wrote {path} ({type_.upper()})")
 
 
+# -- measure --------------------------------------------------------------------------------
+@app.command()
+def measure(
+    models: Optional[List[str]] = typer.Argument(None, help="One or more models (default: builtin). Several give a fleet table."),
+    jobs: int = typer.Option(2, "--jobs", "-j", help="Tensors measured in parallel."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-tensor table as CSV (several models: the fleet table)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write an HTML report with plots (θ by layer and role, explained variance, α by layer)."),
+    as_json: bool = JSON_OPT,
+):
+    """Data-free map of every tensor: norms, distribution, θ (theta_v1), spectrum, α; per role and layer."""
+    from birdbone.measure import fleet, measure_model, write_csv, write_fleet_csv, write_html
+
+    models = models or ["builtin"]
+    maps = []
+    with progress_bar() as cb:
+        for model in models:
+            maps.append(measure_model(model, jobs=jobs, progress=(lambda name, i, n: cb("measure", i, n)) if cb else None))
+    rows = fleet(maps)
+    if csv:
+        write_fleet_csv(rows, csv) if len(maps) > 1 else write_csv(maps[0], csv)
+    if html:
+        write_html(maps[0], html)
+    if as_json:
+        emit_json(maps[0].as_dict() if len(maps) == 1 else {"fleet": [r.__dict__ for r in rows], "models": [m.as_dict() for m in maps]})
+        return
+    for m in maps:
+        table = Table("role", "tensors", "parameters", "θ mean", "θ weighted", "α mean", "stable rank", "kurtosis", "bpw",
+                      title=f"{Path(m.model).name}: {len(m.tensors)} tensors in {m.seconds:.1f} s ({m.theta_version})", box=None)
+        for a in m.by_role():
+            table.add_row(a.role, str(a.tensors), f"{a.parameters:,}", fmt(a.theta_mean, ".1f", "°"), fmt(a.theta_weighted, ".1f", "°"),
+                          fmt(a.alpha_mean, ".2f"), fmt(a.stable_rank_mean, ".1f"), fmt(a.kurtosis_mean, ".2f"), fmt(a.bits_per_weight, ".2f"))
+        out_console.print(table)
+        skipped = m.skipped()
+        if skipped:
+            out_console.print(f"[dim]{len(skipped)} tensor(s) with skipped measures (e.g. {next(iter(skipped))}: {next(iter(next(iter(skipped.values())).values()))})[/dim]")
+    if len(maps) > 1:
+        table = Table("model", "architecture", "parameters", "tensors", "θ mean", "α mean", "bpw", title="fleet", box=None)
+        for r in rows:
+            table.add_row(Path(r.model).name, r.architecture, f"{r.parameters:,}", str(r.tensors), fmt(r.theta_mean, ".1f", "°"),
+                          fmt(r.alpha_mean, ".2f"), fmt(r.bits_per_weight, ".2f"))
+        out_console.print(table)
+    for path in (csv, html):
+        if path:
+            out_console.print(f"wrote {path}")
+
+
 # -- anatomy: dissect / assemble / graft -----------------------------------------------------
 def _validate_or_skip(path: Path, source, do_validate: bool) -> dict | None:
     if not do_validate:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from birdbone.cli import app
 
-VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft"]
+VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft", "measure"]
 runner = CliRunner()
 
 
@@ -68,6 +68,15 @@ def test_eval_json_parses(tiny, tmp_path):
     p = birdbone("eval", tiny.gguf_f16, "--parent", tiny.gguf_f32, "--ctx", "64", "--tokens", "256", "--decode", "4", "--canary-tokens", "4", "--json")
     r = json.loads(p.stdout)
     assert r["kld_mean"] >= 0 and r["model"]["ppl"] > 1 and r["model"]["speed"]["decode_tok_s"] > 0
+
+
+def test_measure_json_and_fleet(tiny, tmp_path):
+    one = json.loads(birdbone("measure", tiny.gguf_f16, "--json", "--html", tmp_path / "r.html").stdout)
+    assert one["theta_version"] == "theta_v1" and len(one["tensors"]) == 20
+    assert "<img" in (tmp_path / "r.html").read_text()
+    both = json.loads(birdbone("measure", tiny.gguf_f16, tiny.gguf_f32, "--json", "--csv", tmp_path / "fleet.csv").stdout)
+    assert [r["parameters"] for r in both["fleet"]] == [one["parameters"]] * 2
+    assert (tmp_path / "fleet.csv").read_text().count("\n") == 3
 
 
 def test_generate_json(tiny):
