@@ -307,6 +307,31 @@ def measure(
             out_console.print(f"wrote {path}")
 
 
+@app.command()
+def profile(
+    model: str = MODEL_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for usage.safetensors, usage.json and imatrix.gguf."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text (default: the built-in Shakespeare excerpt)."),
+    tokens: int = typer.Option(4096, "--tokens", help="Tokens of text to profile (whole windows); 0 = all."),
+    ctx: int = typer.Option(512, "--ctx", help="Window length, as llama-imatrix's -c."),
+    gradients: bool = typer.Option(False, "--gradients", help="Also record mean |dL/dw| per weight (one backward pass per window)."),
+    as_json: bool = JSON_OPT,
+):
+    """Usage map in torch: per linear layer what llama.cpp's imatrix stores, activation frequency, head contributions."""
+    from birdbone.measure import profile as run, write_profile
+
+    with progress_bar() as cb:
+        prof = run(model, text, tokens or None, ctx, gradients, cb, threads=G.threads)
+    write_profile(prof, out)
+    summary = {"out": str(out), "files": ["usage.safetensors", "usage.json", "imatrix.gguf"], "model": prof.model,
+               "text": prof.text_name, "tokens": prof.n_tokens, "chunks": prof.chunks, "weights": len(prof.in_sum2)}
+    if as_json:
+        emit_json(summary)
+    else:
+        out_console.print(f"profiled {summary['weights']} weights on {summary['tokens']} tokens of {prof.text_name}; wrote {out}/imatrix.gguf "
+                          "(use it with birdbone quantize --imatrix or llama.cpp's llama-quantize --imatrix)")
+
+
 # -- anatomy: dissect / assemble / graft -----------------------------------------------------
 def _validate_or_skip(path: Path, source, do_validate: bool) -> dict | None:
     if not do_validate:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from birdbone.cli import app
 
-VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft", "measure"]
+VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft", "measure", "profile"]
 runner = CliRunner()
 
 
@@ -32,7 +32,7 @@ def test_every_verb_has_help(verb):
     assert "Usage" in r.output and len(r.output) > 200
     if verb != "chat":
         assert "--json" in r.output
-    if verb in ("quantize", "convert", "dissect", "assemble", "graft"):
+    if verb in ("quantize", "convert", "dissect", "assemble", "graft", "profile"):
         assert "--out" in r.output
 
 
@@ -77,6 +77,14 @@ def test_measure_json_and_fleet(tiny, tmp_path):
     both = json.loads(birdbone("measure", tiny.gguf_f16, tiny.gguf_f32, "--json", "--csv", tmp_path / "fleet.csv").stdout)
     assert [r["parameters"] for r in both["fleet"]] == [one["parameters"]] * 2
     assert (tmp_path / "fleet.csv").read_text().count("\n") == 3
+
+
+def test_profile_writes_an_imatrix_llama_cpp_takes(tiny_k, tmp_path):
+    r = json.loads(birdbone("profile", tiny_k.gguf_f16, "-o", tmp_path / "usage", "--ctx", "64", "--tokens", "256", "--json").stdout)
+    assert r["weights"] == 14 and r["tokens"] == 256
+    q = json.loads(birdbone("quantize", tiny_k.gguf_f16, "-o", tmp_path / "iq2.gguf", "--type", "IQ2_XXS",
+                            "--imatrix", tmp_path / "usage" / "imatrix.gguf", "--json").stdout)
+    assert q["types"]["blk.0.ffn_up.weight"] == "IQ2_XXS"
 
 
 def test_generate_json(tiny):

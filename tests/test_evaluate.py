@@ -103,7 +103,8 @@ def test_perplexity_parity_with_llama_perplexity():
     if not text.exists():
         pytest.skip(f"{text} is not here (../shared/data)")
     cfg = EvalConfig(ctx=golden["n_ctx"], tokens=golden["n_ctx"] * golden["n_chunks"], **FAST)
-    from birdbone.evaluate.compare import load_text, score_chunks
+    from birdbone.evaluate.compare import score_chunks
+    from birdbone.io.text import load_text
 
     body, _ = load_text(text)
     with LlamaRuntime("builtin", n_ctx=cfg.ctx, threads=2) as rt:

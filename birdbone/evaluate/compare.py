@@ -17,11 +17,11 @@ import numpy as np
 from birdbone.evaluate.cache import LogprobStore, file_sha256, get_or_build, tokens_sha256
 from birdbone.evaluate.canaries import CANARY_PROMPTS, compare_continuations
 from birdbone.evaluate.kld import KLDAccumulator
-from birdbone.evaluate.perplexity import (PerplexityResult, Windows, chunk_nll, iter_windows, plan_windows,
-                                          summarize_nll)
+from birdbone.evaluate.perplexity import PerplexityResult, Windows, chunk_nll, iter_windows, summarize_nll
 from birdbone.io.runtime import LlamaRuntime, Message
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.model_file import BUILTIN, open_model, resolve_model_path
+from birdbone.io.text import load_text, tokenize_windows
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -38,25 +38,6 @@ class EvalConfig:
 
 
 # -- inputs -----------------------------------------------------------------------------------
-def load_text(path: str | Path | None) -> tuple[str, str]:
-    """The text to score and a name for reports; the built-in Shakespeare excerpt when None."""
-    if path is None:
-        from birdbone.io.builtin import builtin_text_path
-
-        p = builtin_text_path()
-        return p.read_bytes().decode("utf-8"), "builtin:shakespeare.txt"
-    p = Path(path)
-    try:
-        text = p.read_bytes().decode("utf-8")  # bytes as they are: CRLF stays CRLF, as llama.cpp reads it
-    except (FileNotFoundError, IsADirectoryError):
-        raise InputError(p, "no such file") from None
-    except UnicodeDecodeError:
-        raise InputError(p, "is not UTF-8 text") from None
-    if not text.strip():
-        raise InputError(p, "text file is empty")
-    return text, str(p)
-
-
 def f16_form(model: str | Path, progress: Progress | None = None) -> Path:
     """The F16 form of a quantized GGUF (cached by content hash): its dequantized weights."""
     from birdbone.bridge.to_gguf import write_like
@@ -191,15 +172,6 @@ def score_against_parent(logits_of: Callable[[np.ndarray], np.ndarray], tokens: 
     return np.concatenate(nlls), np.concatenate(parent_nlls), kld.result()
 
 
-def tokens_and_windows(rt: LlamaRuntime, body: str, text_name: str, cfg: EvalConfig) -> tuple[np.ndarray, Windows]:
-    """Tokenize once, as llama-perplexity does (special tokens added per the vocabulary), and plan the windows."""
-    tokens = rt.tokenize(body, add_special=True)
-    try:
-        return tokens, plan_windows(len(tokens), cfg.ctx, cfg.tokens, rt.bos if rt.add_bos else None)
-    except ValueError as e:
-        raise InputError(text_name, str(e)) from None
-
-
 def greedy_canaries(rt: LlamaRuntime, n: int) -> list[list[int]]:
     return [rt.greedy(rt.chat_tokens([Message("user", p)]), n) for p in CANARY_PROMPTS]
 
@@ -214,7 +186,7 @@ def evaluate(model: str | Path, parent: str | Path | None = None, text: str | Pa
     body, text_name = load_text(text)
     report = EvalReport(describe_file(model_path), describe_file(parent_path) if parent_path else None, text_name, cfg.ctx)
     with LlamaRuntime(model_path, n_ctx=cfg.ctx, n_batch=cfg.batch, threads=cfg.threads) as rt:
-        tokens, w = tokens_and_windows(rt, body, text_name, cfg)
+        tokens, w = tokenize_windows(rt, body, text_name, cfg.ctx, cfg.tokens)
         nll, parent_nll, report.kld = score_against_parent(rt.logits, tokens, w, parent_path, cfg, progress, "score model")
         report.model.ppl = summarize_nll(nll, w)
         if cfg.canary_tokens:
@@ -244,7 +216,7 @@ def evaluate_torch(lm, tokenizer_gguf: str | Path, parent: str | Path | None = N
     parent_path = resolve_parent(tokenizer_gguf, parent, progress) if parent is not None else None
     body, text_name = load_text(text)
     with LlamaRuntime(tokenizer_gguf, n_ctx=cfg.ctx, n_batch=cfg.batch, threads=cfg.threads) as rt:
-        tokens, w = tokens_and_windows(rt, body, text_name, cfg)
+        tokens, w = tokenize_windows(rt, body, text_name, cfg.ctx, cfg.tokens)
     n_params = sum(p.numel() for p in lm.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
     side = SideReport(f"torch:{type(lm).__name__}", n_bytes, n_params, 8.0 * n_bytes / max(n_params, 1), {})

@@ -11,53 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
+from birdbone.io.text import Windows, iter_windows, plan_windows  # noqa: F401  (re-exported)
+
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # (n_ctx,) token ids -> (n_ctx, n_vocab) float32 logits
-
-
-@dataclass(frozen=True)
-class Windows:
-    n_ctx: int
-    n_chunks: int
-    bos: int | None  # replaces each window's first token when the vocabulary adds BOS
-
-    @property
-    def first(self) -> int:
-        return self.n_ctx // 2
-
-    @property
-    def scored_per_chunk(self) -> int:
-        return self.n_ctx - 1 - self.first
-
-    @property
-    def n_scored(self) -> int:
-        return self.n_chunks * self.scored_per_chunk
-
-
-def plan_windows(n_tokens: int, n_ctx: int, max_tokens: int | None, bos: int | None) -> Windows:
-    if n_ctx < 8:
-        raise ValueError(f"context {n_ctx} is too small to score (need at least 8)")
-    usable = n_tokens if max_tokens is None else min(n_tokens, max_tokens)
-    n_chunks = usable // n_ctx
-    if n_chunks < 1:
-        raise ValueError(f"the text has {n_tokens} tokens, fewer than one context window of {n_ctx}; pass a longer text or a smaller --ctx")
-    return Windows(n_ctx, n_chunks, bos)
-
-
-def iter_windows(tokens: np.ndarray, w: Windows) -> Iterator[np.ndarray]:
-    for i in range(w.n_chunks):
-        chunk = np.array(tokens[i * w.n_ctx : (i + 1) * w.n_ctx], dtype=np.int32)
-        if w.bos is not None:
-            chunk[0] = w.bos
-        yield chunk
-
-
-def scored_targets(chunk_tokens: np.ndarray, original: np.ndarray, w: Windows) -> np.ndarray:
-    """Targets of the scored positions: the original next tokens (never the BOS substitute)."""
-    return original[w.first + 1 : w.n_ctx]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
