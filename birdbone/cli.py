@@ -416,6 +416,7 @@ def graft(
     with progress_bar() as cb:
         res = run(base, donor, out, layers, role_list or None, tensors, convert_types, (lambda i, n: cb("graft", i, n)) if cb else None)
     report = {"out": str(res.out), "tensors": res.tensors, "converted": res.converted, "changed_share": res.changed_share,
+              "codes_changed": res.codes_changed,
               "validation": _validate_or_skip(res.out, None, do_validate)}
     evaluation = None
     if text is not None and base.is_file():
@@ -427,7 +428,8 @@ def graft(
     out_console.print(f"grafted {len(res.tensors)} tensor(s) into {res.out}")
     if res.converted:
         mean = sum(res.converted.values()) / len(res.converted)
-        out_console.print(f"{len(res.converted)} converted to the base's types; on average {100 * mean:.1f}% of their weights changed")
+        out_console.print(f"{len(res.converted)} converted to the base's types; on average {100 * mean:.2f}% of their quantized codes changed "
+                          "(a small change rounds back onto the base's codes)")
     if evaluation:
         print_eval(evaluation)
 

@@ -22,6 +22,7 @@ from gguf.constants import GGUFValueType
 from birdbone.anatomy.body import Body, copy_layout, decode
 from birdbone.anatomy.roles import ROLES, classify
 from birdbone.io.atomic import check_output
+from birdbone.io.codes import code_change
 from birdbone.io.errors import BirdboneError
 from birdbone.io.gguf_layout import KV, write_layout
 from birdbone.io.quantize import quantize_tensor
@@ -37,8 +38,9 @@ class GraftRefused(BirdboneError):
 class GraftResult:
     out: Path
     tensors: list[str]
-    converted: dict[str, float] = field(default_factory=dict)  # name -> share of weights changed vs the base
-    changed_share: dict[str, float] = field(default_factory=dict)
+    converted: dict[str, float] = field(default_factory=dict)  # name -> share of codes changed vs the base (None: not readable)
+    changed_share: dict[str, float] = field(default_factory=dict)  # name -> share of dequantized values changed
+    codes_changed: dict[str, float | None] = field(default_factory=dict)  # name -> share of integer codes changed
 
 
 def parse_layers(spec: str | None, n_layers: int | None) -> set[int] | None:
@@ -116,12 +118,16 @@ def graft(base_path: str | Path, donor_path: str | Path, out: str | Path, layers
         for n in names:
             b, d = base.entries[n], donor.entries[n]
             if b.type != d.type:
-                q = quantize_tensor(donor.tensor(n), b.type, name=n)
-                replacement[n] = q.data.tobytes()
-                result.converted[n] = float(np.mean(q.dequantize() != base.tensor(n)))
+                replacement[n] = quantize_tensor(donor.tensor(n), b.type, name=n).data.tobytes()
             else:
                 replacement[n] = donor.raw(n).tobytes()
-            result.changed_share[n] = result.converted.get(n, float(np.mean(decode(replacement[n], b) != base.tensor(n))))
+            new = np.frombuffer(replacement[n], dtype=np.uint8)
+            result.changed_share[n] = float(np.mean(decode(new, b) != base.tensor(n)))
+            change = code_change(base.raw(n), new, b.type)
+            result.codes_changed[n] = None if change is None else change.codes
+            if b.type != d.type:
+                # a small change can round back onto the base's codes: say how much really moved
+                result.converted[n] = result.codes_changed[n] if change is not None else result.changed_share[n]
         layout = copy_layout(base.layout)
         _set_kvs(layout, {
             "birdbone.graft.base": (GGUFValueType.STRING, base.name, None),
