@@ -14,7 +14,7 @@ from gguf.quants import dequantize
 
 from birdbone.anatomy.manifest import MANIFEST, load_manifest
 from birdbone.io.errors import InputError
-from birdbone.io.gguf_layout import CHUNK, Layout, TensorEntry, iter_file_chunks, layout_of
+from birdbone.io.gguf_layout import CHUNK, Layout, TensorEntry, layout_of
 from birdbone.io.gguf_reader import GGUFFile
 from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import resolve_model_path
@@ -51,7 +51,7 @@ class Body:
     def chunks(self, name: str) -> Iterator[bytes]:
         t = self.entries[name]
         if self._gguf is not None:
-            yield from iter_file_chunks(self._gguf.buf, self._gguf.data_offset + t.offset, t.n_bytes)
+            yield from self._gguf.chunks(self._gguf.data_offset + t.offset, t.n_bytes)
             return
         with open(self.manifest.file_of(name), "rb") as fh:
             yield from iter(lambda: fh.read(CHUNK), b"")

@@ -18,7 +18,7 @@ from birdbone.anatomy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, ROLE_DIR
 from birdbone.anatomy.roles import classify
 from birdbone.io.atomic import TEMP_PREFIX, clean_stale_temps
 from birdbone.io.errors import InputError
-from birdbone.io.gguf_layout import CHUNK, layout_of
+from birdbone.io.gguf_layout import layout_of
 from birdbone.io.gguf_reader import SPLIT_RE, GGUFFile
 from birdbone.io.model_file import resolve_model_path
 
@@ -62,12 +62,13 @@ def _dissect_into(f: GGUFFile, src: Path, folder: Path, progress) -> dict:
     for d in ROLE_DIRS.values():
         (folder / d).mkdir(parents=True)
     whole = hashlib.sha256()
-    buf, pos = f.buf, 0
+    pos = 0
 
     def feed_until(end: int) -> None:  # header / padding bytes between tensors
         nonlocal pos
-        for start in range(pos, end, CHUNK):
-            whole.update(buf[start : min(start + CHUNK, end)])
+        if end > pos:
+            for piece in f.chunks(pos, end - pos):
+                whole.update(piece)
         pos = max(pos, end)
 
     entries, used = {}, set()
@@ -84,8 +85,7 @@ def _dissect_into(f: GGUFFile, src: Path, folder: Path, progress) -> dict:
         used.add(rel)
         h = hashlib.sha256()
         with open(folder / rel, "wb") as fh:
-            for start in range(t.offset, t.offset + t.n_bytes, CHUNK):
-                piece = buf[start : min(start + CHUNK, t.offset + t.n_bytes)]
+            for piece in f.chunks(t.offset, t.n_bytes):
                 h.update(piece)
                 whole.update(piece)
                 fh.write(piece)
@@ -97,10 +97,10 @@ def _dissect_into(f: GGUFFile, src: Path, folder: Path, progress) -> dict:
         }
         if progress:
             progress(i + 1, len(ordered))
-    feed_until(len(buf))
+    feed_until(len(f.buf))
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "source": {"name": src.name, "bytes": len(buf), "sha256": whole.hexdigest()},
+        "source": {"name": src.name, "bytes": len(f.buf), "sha256": whole.hexdigest()},
         "gguf": {"version": layout.version, "alignment": layout.alignment, "tail": layout.tail},
         "metadata": [{"key": kv.key, "type": kv.type.name, "item_type": kv.item_type.name if kv.item_type else None, "value": kv.value}
                      for kv in layout.kvs],

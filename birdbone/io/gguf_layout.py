@@ -149,8 +149,3 @@ def layout_of(f: GGUFFile) -> Layout:
     padded = end + (-(end - f.data_offset)) % layout.alignment
     layout.tail = max(len(f.buf) - padded, 0)
     return layout
-
-
-def iter_file_chunks(buf, start: int, n: int) -> Iterator[bytes]:
-    for pos in range(start, start + n, CHUNK):
-        yield bytes(buf[pos : min(pos + CHUNK, start + n)])

@@ -20,7 +20,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -260,6 +260,16 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         t = self.tensors[name]
         return np.frombuffer(self.buf, dtype=np.uint8, count=t.n_bytes, offset=t.offset)
+
+    def chunks(self, start: int, n: int, size: int = 16 * 2**20) -> Iterator[bytes]:
+        """Bytes ``start .. start+n`` in pieces; each piece's pages are released from this
+        process after it is read (the data stays in the page cache), so streaming a file of
+        any size keeps the resident set at one piece."""
+        for pos in range(start, start + n, size):
+            end = min(pos + size, start + n)
+            yield bytes(self.buf[pos:end])
+            page = pos - pos % mmap.PAGESIZE
+            self._mm.madvise(mmap.MADV_DONTNEED, page, end - page)
 
     def close(self) -> None:
         buf, self.buf = getattr(self, "buf", None), None
