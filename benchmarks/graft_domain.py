@@ -30,7 +30,6 @@ import json
 import logging
 import platform
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path

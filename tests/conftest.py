@@ -7,7 +7,6 @@ trained on birdbone's Shakespeare excerpt; the built-in model comes from an inst
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 

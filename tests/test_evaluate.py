@@ -13,7 +13,8 @@ import pytest
 from birdbone.bridge import load_causal_lm
 from birdbone.evaluate.cache import LogprobStore
 from birdbone.evaluate.compare import EvalConfig, evaluate, evaluate_torch
-from birdbone.evaluate.perplexity import chunk_nll, iter_windows, log_softmax, plan_windows, summarize_nll
+from birdbone.evaluate.perplexity import chunk_nll, summarize_nll
+from birdbone.io.text import iter_windows, plan_windows
 from birdbone.io.runtime import LlamaRuntime
 from birdbone.io.errors import InputError
 from birdbone.io.quantize import quantize_file

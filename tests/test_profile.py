@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures import assert_llama_cpp_uses_imatrix
+
 from birdbone.io import open_model
 from birdbone.io.errors import InputError
 from birdbone.io.imatrix import read_imatrix
-from birdbone.io.quantize import quantize_file
 from birdbone.measure.profile import profile
 from birdbone.measure.usage import write_profile
 
@@ -75,14 +76,7 @@ def test_profile_files_round_trip(tiny_k, tiny_k_profile):
 
 def test_llama_cpp_uses_the_imatrix(tiny_k, tiny_k_profile, tmp_path):
     path = tiny_k_profile[1] / "imatrix.gguf"
-    plain = quantize_file(tiny_k.gguf_f16, tmp_path / "a.gguf", "IQ4_XS")
-    weighted = quantize_file(tiny_k.gguf_f16, tmp_path / "b.gguf", "IQ4_XS", imatrix=path)
-    assert plain.types == weighted.types
-    assert (tmp_path / "a.gguf").read_bytes() != (tmp_path / "b.gguf").read_bytes()
-    with pytest.raises(InputError, match="could not quantize"):
-        quantize_file(tiny_k.gguf_f16, tmp_path / "c.gguf", "IQ2_XXS")
-    res = quantize_file(tiny_k.gguf_f16, tmp_path / "d.gguf", "IQ2_XXS", imatrix=path)
-    assert res.types["blk.0.ffn_down.weight"] == "IQ2_XXS"
+    assert_llama_cpp_uses_imatrix(tiny_k.gguf_f16, path, tmp_path)
 
 
 def test_gradients_in_gguf_layout(tiny):

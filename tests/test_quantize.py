@@ -14,6 +14,7 @@ from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.imatrix import read_imatrix, write_imatrix
 from birdbone.io.quantize import parse_tensor_types, quantize_file, quantize_tensor
 from birdbone.io.types import legal_type, tensor_type
+from tests.fixtures import assert_llama_cpp_uses_imatrix
 
 
 def written_types(path) -> dict[str, str]:
@@ -117,15 +118,7 @@ def test_quantize_file_with_imatrix(tiny_k, tmp_path):
     im = read_imatrix(path)
     assert set(im.values) == set(names)
     np.testing.assert_allclose(im.values[names[0]], sums[names[0]][0] / 10, rtol=1e-6)
-    plain = quantize_file(tiny_k.gguf_f16, tmp_path / "a.gguf", "IQ4_XS")
-    weighted = quantize_file(tiny_k.gguf_f16, tmp_path / "b.gguf", "IQ4_XS", imatrix=path)
-    assert plain.types == weighted.types
-    assert (tmp_path / "a.gguf").read_bytes() != (tmp_path / "b.gguf").read_bytes()
-    # IQ2_XXS needs an importance matrix: llama.cpp refuses without one
-    with pytest.raises(InputError, match="could not quantize"):
-        quantize_file(tiny_k.gguf_f16, tmp_path / "c.gguf", "IQ2_XXS")
-    assert not (tmp_path / "c.gguf").exists()
-    assert quantize_file(tiny_k.gguf_f16, tmp_path / "d.gguf", "IQ2_XXS", imatrix=path).types["blk.0.ffn_up.weight"] == "IQ2_XXS"
+    assert_llama_cpp_uses_imatrix(tiny_k.gguf_f16, path, tmp_path)
 
 
 def test_legacy_imatrix_is_read(tmp_path):

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from birdbone.io.atomic import atomic_path, clean_stale_temps, write_text_atomic
-from birdbone.io.hashing import file_sha256, user_cache_dir  # noqa: F401  (file_sha256 re-exported)
+from birdbone.io.hashing import user_cache_dir
 
 log = logging.getLogger(__name__)
 

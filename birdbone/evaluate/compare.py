@@ -14,14 +14,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from birdbone.evaluate.cache import LogprobStore, file_sha256, get_or_build, tokens_sha256
+from birdbone.evaluate.cache import LogprobStore, get_or_build, tokens_sha256
 from birdbone.evaluate.canaries import CANARY_PROMPTS, compare_continuations
 from birdbone.evaluate.kld import KLDAccumulator
-from birdbone.evaluate.perplexity import PerplexityResult, Windows, chunk_nll, iter_windows, summarize_nll
+from birdbone.evaluate.perplexity import PerplexityResult, chunk_nll, summarize_nll
 from birdbone.io.runtime import LlamaRuntime, Message
 from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import BUILTIN, open_model, resolve_model_path
-from birdbone.io.text import load_text, tokenize_windows
+from birdbone.io.text import Windows, iter_windows, load_text, tokenize_windows
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]

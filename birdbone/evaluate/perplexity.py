@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from birdbone.io.text import Windows, iter_windows, plan_windows  # noqa: F401  (re-exported)
+from birdbone.io.text import Windows
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # (n_ctx,) token ids -> (n_ctx, n_vocab) float32 logits
 
