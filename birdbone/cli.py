@@ -370,6 +370,7 @@ def assemble(
     accept_edits: bool = typer.Option(False, "--accept-edits", help="Tensor files whose sha256 differs from the manifest are edits, not corruption."),
     split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write shards of at most this size (e.g. 2G), as llama.cpp's gguf-split."),
     do_validate: bool = typer.Option(True, "--validate/--no-validate", help="Load the result in llama.cpp and generate before reporting success."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Also report birdbone eval figures (perplexity, speed) of the result on this text."),
     as_json: bool = JSON_OPT,
 ):
     """Put an organ folder back together as a GGUF (byte-identical when untouched)."""
@@ -386,6 +387,9 @@ def assemble(
     validation = _validate_or_skip(res.outputs[0], None, do_validate)
     report = {"outputs": [str(p) for p in res.outputs], "bytes": res.bytes, "edited": res.edited,
               "identical_to_source": identical, "validation": validation}
+    evaluation = _run_eval(str(res.outputs[0]), None, text, 512, 4096, 64, 0) if text is not None else None
+    if evaluation:
+        report["eval"] = evaluation.as_dict()
     if as_json:
         emit_json(report)
     else:
@@ -394,6 +398,8 @@ def assemble(
                           + (f"; edited: {', '.join(res.edited)}" if res.edited else ""))
         if validation:
             out_console.print(f"llama.cpp loads it and generates: {validation['generated']!r}")
+        if evaluation:
+            print_eval(evaluation)
 
 
 @app.command()
@@ -419,8 +425,9 @@ def graft(
               "codes_changed": res.codes_changed,
               "validation": _validate_or_skip(res.out, None, do_validate)}
     evaluation = None
-    if text is not None and base.is_file():
-        evaluation = _run_eval(str(res.out), str(base), text, 512, 4096, 0, 0)
+    if text is not None:
+        # against the base when it is a GGUF; an organ folder has no file to compare with
+        evaluation = _run_eval(str(res.out), str(base) if base.is_file() else None, text, 512, 4096, 64, 16 if base.is_file() else 0)
         report["eval"] = evaluation.as_dict()
     if as_json:
         emit_json(report)

@@ -47,11 +47,13 @@ def test_inspect_json_parses(tiny):
 def test_dissect_assemble_graft_json(tiny, tmp_path):
     d = json.loads(birdbone("dissect", tiny.gguf_f16, "-o", tmp_path / "organs", "--json").stdout)
     assert d["tensors"] == 20 and d["roles"]["organ"] == 6
-    a = json.loads(birdbone("assemble", tmp_path / "organs", "-o", tmp_path / "back.gguf", "--json").stdout)
-    assert a["identical_to_source"] and a["validation"]["n_tokens"] == 8
+    text = tmp_path / "t.txt"
+    text.write_text("To be or not to be, that is the question. " * 300)
+    a = json.loads(birdbone("assemble", tmp_path / "organs", "-o", tmp_path / "back.gguf", "--text", text, "--json").stdout)
+    assert a["identical_to_source"] and a["validation"]["n_tokens"] == 8 and a["eval"]["model"]["ppl"] > 1
     g = json.loads(birdbone("graft", "--base", tiny.gguf_f16, "--donor", tmp_path / "organs", "-o", tmp_path / "g.gguf",
-                            "--layers", "1", "--roles", "organ", "--json").stdout)
-    assert len(g["tensors"]) == 3 and g["validation"]["n_tokens"] == 8
+                            "--layers", "1", "--roles", "organ", "--text", text, "--json").stdout)
+    assert len(g["tensors"]) == 3 and g["validation"]["n_tokens"] == 8 and g["eval"]["kld_mean"] is not None
 
 
 def test_quantize_json_parses_and_llama_log_stays_off_stdout(tiny_k, tmp_path):
