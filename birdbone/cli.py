@@ -200,23 +200,29 @@ def _run_eval(model, parent, text, ctx, tokens, decode, canary_tokens):
 
 
 def print_eval(r) -> None:
-    table = Table("", "file", "MiB", "% parent", "bpw", "ppl", "Δppl", "KLD mean", "KLD p99", "top-1", "canary", "prompt tok/s", "decode tok/s",
+    """Metrics as rows, parent and model as columns: fits an 80-column terminal."""
+    sides = [("parent", r.parent), ("model", r.model)] if r.parent else [("model", r.model)]
+    table = Table("", *[f"{label}\n{Path(side.path).name}" for label, side in sides],
                   title=f"{r.text}: {r.model.ppl.n_tokens if r.model.ppl else 0} tokens scored, ctx {r.n_ctx}")
-    for label, side in (("parent", r.parent), ("model", r.model)):
-        if side is None:
-            continue
-        is_model = side is r.model
-        table.add_row(
-            label, Path(side.path).name, mib(side.file_bytes),
-            fmt(r.pct_of_parent_bytes if is_model else (100.0 if r.parent else None), ".1f", "%"),
-            f"{side.bits_per_weight:.2f}",
-            f"{side.ppl.ppl:.3f} ± {side.ppl.ppl_stderr:.3f}" if side.ppl else "-",
-            fmt(r.delta_ppl_pct, "+.2f", "%") if is_model else "",
-            fmt(r.kld.get("kld_mean"), ".5f") if is_model else "", fmt(r.kld.get("kld_p99"), ".4f") if is_model else "",
-            fmt(100 * r.kld["top1_agreement"], ".1f", "%") if is_model and r.kld.get("top1_agreement") is not None else "",
-            fmt(100 * r.canaries["canary_exact"], ".0f", "%") if is_model and r.canaries else "",
-            fmt(side.speed.get("prompt_tok_s"), ".0f"), fmt(side.speed.get("decode_tok_s"), ".0f"),
-        )
+
+    def row(name, *cells):
+        table.add_row(name, *cells[-len(sides):])
+
+    row("size (MiB)", *[mib(s.file_bytes) for _, s in sides])
+    if r.parent:
+        row("% of parent bytes", "100.0%", fmt(r.pct_of_parent_bytes, ".1f", "%"))
+    row("bits per weight", *[f"{s.bits_per_weight:.2f}" for _, s in sides])
+    row("perplexity", *[f"{s.ppl.ppl:.3f} ± {s.ppl.ppl_stderr:.3f}" if s.ppl else "-" for _, s in sides])
+    if r.parent:
+        row("Δppl", "", fmt(r.delta_ppl_pct, "+.2f", "%"))
+        row("KLD mean / p99", "", f"{fmt(r.kld.get('kld_mean'), '.5f')} / {fmt(r.kld.get('kld_p99'), '.4f')}")
+        top1 = r.kld.get("top1_agreement")
+        row("top-1 agreement", "", fmt(None if top1 is None else 100 * top1, ".1f", "%"))
+        if r.canaries:
+            row(f"canaries ({r.canaries['canary_prompts']} prompts, first {r.canaries['canary_tokens']} tokens)", "",
+                f"{100 * r.canaries['canary_exact']:.0f}% identical")
+    row("prompt tok/s", *[fmt(s.speed.get("prompt_tok_s"), ".0f") for _, s in sides])
+    row("decode tok/s", *[fmt(s.speed.get("decode_tok_s"), ".0f") for _, s in sides])
     out_console.print(table)
     if r.parent and "f16-" in Path(r.parent.path).name:
         out_console.print("[dim]parent: the built-in model's F16 form, dequantized from the shipped Q4_1 (the original F16 weights are not shipped).[/dim]")

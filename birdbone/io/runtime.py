@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,11 @@ class LlamaRuntime:
         cparams.n_batch = min(n_batch, n_ctx)
         cparams.n_ubatch = min(n_batch, n_ctx)
         cparams.n_seq_max = 1
-        if threads:
-            cparams.n_threads = threads
-            cparams.n_threads_batch = threads
+        # llama.cpp's default is 4 threads whatever the machine: on 2 cores that oversubscribes
+        # and decoding slows 5x. Default to the cores this process may use.
+        threads = threads or len(os.sched_getaffinity(0))
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             L.llama_model_free(self.model)
