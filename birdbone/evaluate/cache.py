@@ -22,17 +22,13 @@ from birdbone.io.hashing import user_cache_dir
 log = logging.getLogger(__name__)
 
 
-def cache_dir() -> Path:
-    return user_cache_dir()
-
-
 def tokens_sha256(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()
 
 
 def get_or_build(name: str, build: Callable[[Path], None]) -> Path:
     """The cached file ``name``, built by ``build(tmp_path)`` the first time."""
-    folder = cache_dir()
+    folder = user_cache_dir()
     clean_stale_temps(folder)
     path = folder / name
     if path.exists():
@@ -47,8 +43,8 @@ class LogprobStore:
     """Per-chunk log-probabilities of a parent, appended to one float32 file."""
 
     def __init__(self, key: str):
-        self.data = cache_dir() / f"logprobs-{key}.f32"
-        self.meta = cache_dir() / f"logprobs-{key}.json"
+        self.data = user_cache_dir() / f"logprobs-{key}.f32"
+        self.meta = user_cache_dir() / f"logprobs-{key}.json"
 
     @property
     def complete(self) -> bool:

@@ -25,9 +25,9 @@ def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike] = (), n
     """Validate an output path before any work starts; returns it resolved."""
     out = Path(out)
     for inp in inputs:
-        if inp is not None and Path(inp).exists() and out.exists() and os.path.samefile(out, inp):
-            raise InputError(out, "output path is the same file as an input; refusing to overwrite it")
-        if inp is not None and out.resolve() == Path(inp).resolve():
+        # resolve() catches other spellings of one path; samefile() catches hard links
+        if inp is not None and (out.resolve() == Path(inp).resolve()
+                                or (out.exists() and Path(inp).exists() and os.path.samefile(out, inp))):
             raise InputError(out, "output path is the same file as an input; refusing to overwrite it")
     parent = out.resolve().parent
     if not parent.is_dir():

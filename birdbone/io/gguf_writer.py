@@ -1,9 +1,10 @@
-"""Streaming GGUF writer on top of gguf-py's ``GGUFWriter``.
+"""Write a GGUF from a parent's metadata and tensors produced one at a time.
 
-Tensor infos are declared first, then each tensor's bytes are produced and written one at a
-time (``TensorSpec.load``), so memory stays bounded by the largest tensor. Metadata is copied
-from a parent (every key but ``GGUF.*`` and ``general.architecture``, which the writer adds)
-and then updated. The file appears only when complete (temp file, then rename).
+A thin layer over :mod:`birdbone.io.gguf_layout`, the one GGUF serializer: metadata is copied
+from a parent (every key but ``GGUF.*``; ``general.architecture`` first, as llama.cpp's
+writers put it) and then updated; each tensor's bytes come from ``TensorSpec.load`` when its
+turn comes, so memory stays bounded by the largest tensor. The file appears only when
+complete (temp file, then rename).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from birdbone.io.atomic import atomic_path
+from birdbone.io.gguf_layout import KV, Layout, TensorEntry, write_layout
 from birdbone.io.gguf_reader import MetaField
 
 # general.file_type (llama_ftype) for the uniform output types birdbone writes itself.
 FILE_TYPE_OF = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}
+Metadata = dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class TensorSpec:
         return int(np.prod(self.shape, dtype=np.int64)) // block * size
 
 
-def copy_metadata(fields: dict[str, MetaField], skip: Iterable[str] = ()) -> dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]:
+def copy_metadata(fields: dict[str, MetaField], skip: Iterable[str] = ()) -> Metadata:
     """Parent metadata as (value, type, item type), ready for :func:`write_gguf`."""
     skip = set(skip) | {"general.architecture"}
     out = {}
@@ -50,31 +51,16 @@ def copy_metadata(fields: dict[str, MetaField], skip: Iterable[str] = ()) -> dic
     return out
 
 
-def write_gguf(out: str | Path, arch: str, metadata: dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]],
-               tensors: list[TensorSpec], progress: Callable[[int, int], None] | None = None) -> Path:
+def write_gguf(out: str | Path, arch: str, metadata: Metadata, tensors: list[TensorSpec],
+               progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a GGUF atomically; tensors are loaded one by one, in the order given."""
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        w = GGUFWriter(str(tmp), arch=arch, use_temp_file=False)
-        for key, (val, vtype, sub) in metadata.items():
-            w.add_key_value(key, val, vtype, sub)
-        for t in tensors:
-            if t.type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                dtype = np.float32 if t.type == GGMLQuantizationType.F32 else np.float16
-                w.add_tensor_info(t.name, t.shape, np.dtype(dtype), t.n_bytes, raw_dtype=t.type)
-            else:
-                block, size = GGML_QUANT_SIZES[t.type]
-                byte_shape = (*t.shape[:-1], t.shape[-1] // block * size)
-                w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.n_bytes, raw_dtype=t.type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for i, t in enumerate(tensors):
-            data = np.ascontiguousarray(t.load())
-            if data.nbytes != t.n_bytes:
-                raise ValueError(f"{t.name}: produced {data.nbytes} bytes, expected {t.n_bytes} for {t.type.name} {t.shape}")
-            w.write_tensor_data(data)
-            if progress:
-                progress(i + 1, len(tensors))
-        w.close()
-    return out
+    kvs = [KV("general.architecture", GGUFValueType.STRING, arch)]
+    kvs += [KV(key, vtype, val, sub) for key, (val, vtype, sub) in metadata.items() if key != "general.architecture"]
+    specs = {t.name: t for t in tensors}
+    entries = [TensorEntry(t.name, tuple(reversed(t.shape)), t.type) for t in tensors]
+
+    def chunks_of(entry: TensorEntry) -> list[bytes]:
+        data = np.ascontiguousarray(specs[entry.name].load())
+        return [data.tobytes()]
+
+    return write_layout(out, Layout(kvs, entries), chunks_of, progress)

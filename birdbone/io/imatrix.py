@@ -110,22 +110,18 @@ def _read_legacy(path: Path) -> Imatrix:
 def write_imatrix(path: str | Path, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray],
                   datasets: list[str], chunk_count: int, chunk_size: int) -> None:
     """Write the GGUF imatrix format current llama.cpp reads (atomically)."""
-    import gguf
+    from gguf.constants import GGMLQuantizationType, GGUFValueType
 
-    from birdbone.io.atomic import atomic_path
+    from birdbone.io.gguf_layout import KV, Layout, TensorEntry, write_layout
 
-    with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch="", use_temp_file=False)
-        # an imatrix GGUF has general.type instead of an architecture
-        w.kv_data[0].pop("general.architecture", None)
-        w.add_type("imatrix")
-        w.add_array("imatrix.datasets", list(datasets))
-        w.add_uint32("imatrix.chunk_count", int(chunk_count))
-        w.add_uint32("imatrix.chunk_size", int(chunk_size))
-        for name in sorted(sums):
-            w.add_tensor(name + SUM_SUFFIX, np.atleast_2d(np.ascontiguousarray(sums[name], dtype=np.float32)))
-            w.add_tensor(name + COUNT_SUFFIX, np.ascontiguousarray(counts[name], dtype=np.float32).reshape(-1, 1))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    # an imatrix GGUF has general.type instead of an architecture
+    kvs = [KV("general.type", GGUFValueType.STRING, "imatrix"),
+           KV("imatrix.datasets", GGUFValueType.ARRAY, list(datasets), GGUFValueType.STRING),
+           KV("imatrix.chunk_count", GGUFValueType.UINT32, int(chunk_count)),
+           KV("imatrix.chunk_size", GGUFValueType.UINT32, int(chunk_size))]
+    arrays = {}
+    for name in sorted(sums):
+        arrays[name + SUM_SUFFIX] = np.atleast_2d(np.ascontiguousarray(sums[name], dtype=np.float32))
+        arrays[name + COUNT_SUFFIX] = np.ascontiguousarray(counts[name], dtype=np.float32).reshape(-1, 1)
+    entries = [TensorEntry(n, tuple(reversed(a.shape)), GGMLQuantizationType.F32) for n, a in arrays.items()]
+    write_layout(path, Layout(kvs, entries), lambda e: [arrays[e.name].tobytes()])
