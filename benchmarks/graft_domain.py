@@ -381,7 +381,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from birdbone.anatomy.graft import graft, parse_layers
+    from birdbone.anatomy.graft import graft
+    from birdbone.anatomy.selection import parse_layers
     from birdbone.evaluate.compare import EvalConfig, evaluate, f16_form
     from birdbone.io.model_file import resolve_model_path
     from birdbone.io.runtime import LlamaRuntime

@@ -97,6 +97,11 @@ def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
+def split_list(values: list[str]) -> list[str] | None:
+    """Repeatable, comma-separated option values as one list (None when empty)."""
+    return [v.strip() for spec in values for v in spec.split(",") if v.strip()] or None
+
+
 def fmt(x, spec: str = ".4f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
@@ -424,9 +429,8 @@ def graft(
     """Graft organs from a donor into a base (checked first; nothing is written on a mismatch)."""
     from birdbone.anatomy.graft import graft as run
 
-    role_list = [r.strip() for spec in roles for r in spec.split(",") if r.strip()]
     with progress_bar() as cb:
-        res = run(base, donor, out, layers, role_list or None, tensors, convert_types, (lambda i, n: cb("graft", i, n)) if cb else None)
+        res = run(base, donor, out, layers, split_list(roles), tensors, convert_types, (lambda i, n: cb("graft", i, n)) if cb else None)
     report = {"out": str(res.out), "tensors": res.tensors, "converted": res.converted, "changed_share": res.changed_share,
               "codes_changed": res.codes_changed,
               "validation": _validate_or_skip(res.out, None, do_validate)}
@@ -443,6 +447,46 @@ def graft(
         mean = sum(res.converted.values()) / len(res.converted)
         out_console.print(f"{len(res.converted)} converted to the base's types; on average {100 * mean:.2f}% of their quantized codes changed "
                           "(a small change rounds back onto the base's codes)")
+    if evaluation:
+        print_eval(evaluation)
+
+
+# -- remodel: purify -------------------------------------------------------------------------
+@app.command()
+def purify(
+    model: str = MODEL_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Output GGUF."),
+    method: str = typer.Option("fft", "--method", help="fft (keep the row spectrum's energy core) or haar (keep wavelet detail coherent across scales)."),
+    strength: float = typer.Option(0.5, "--strength", help="Attenuation of what the method calls noise: 0 leaves the weights alone, 1 removes it."),
+    roles: List[str] = typer.Option([], "--roles", help="Roles to purify: skeleton, organ, embed, other (default: every 2-D weight)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layer range, e.g. 5-20 or 1,4-6."),
+    tensors: Optional[str] = typer.Option(None, "--tensors", help="Regex on tensor names."),
+    out_type: Optional[str] = typer.Option(None, "--type", help="Store purified tensors as this type (e.g. F16); default: each tensor's input type, requantized."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text for the evaluation (default: the built-in Shakespeare excerpt)."),
+    tokens: int = typer.Option(4096, "--tokens", help="Tokens of text scored (0: skip the evaluation)."),
+    ctx: int = typer.Option(512, "--ctx", help="Context for the evaluation."),
+    as_json: bool = JSON_OPT,
+):
+    """Purify 2-D weights (FFT or Haar), then report θ before/after and ppl/KLD against the input.
+
+    The built-in model sits on the Q4_1 grid: requantizing to its own type snaps purified weights
+    back onto that grid, so use --type F16 to see what the transform itself does.
+    """
+    from birdbone.remodel import purify_model
+
+    with progress_bar() as cb:
+        res = purify_model(model, out, method, strength, split_list(roles), layers, tensors, out_type,
+                           (lambda i, n: cb(f"purify ({method})", i, n)) if cb else None)
+    parent = None if Path(model).is_dir() else model  # an organ folder has no file to compare with
+    evaluation = _run_eval(str(res.out), parent, text, ctx, tokens, 0, 0) if tokens else None
+    if as_json:
+        emit_json({**res.as_dict(), "eval": evaluation.as_dict() if evaluation else None})
+        return
+    table = Table("tensor", "type", "θ before", "θ after", "‖Δ‖/‖W‖", title=f"{method} purify, strength {strength:g}", box=None)
+    for n in res.tensors:
+        table.add_row(n, res.types[n], fmt(res.theta_before[n], ".2f"), fmt(res.theta_after[n], ".2f"), f"{res.relative_change[n]:.4f}")
+    out_console.print(table)
+    out_console.print(f"wrote {res.out} ({len(res.tensors)} tensor(s) purified)")
     if evaluation:
         print_eval(evaluation)
 

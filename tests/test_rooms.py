@@ -12,6 +12,7 @@ ALLOWED = {
     "bridge": {"io", "bridge"},
     "measure": {"io", "anatomy", "bridge", "measure"},
     "evaluate": {"io", "bridge", "evaluate"},
+    "remodel": {"io", "anatomy", "bridge", "measure", "evaluate", "remodel"},
 }
 IMPORT = re.compile(r"^\s*(?:from|import)\s+birdbone\.(\w+)", re.M)
 

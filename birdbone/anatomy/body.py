@@ -14,7 +14,7 @@ from gguf.quants import dequantize
 
 from birdbone.anatomy.manifest import MANIFEST, load_manifest
 from birdbone.io.errors import InputError
-from birdbone.io.gguf_layout import CHUNK, Layout, TensorEntry, layout_of
+from birdbone.io.gguf_layout import CHUNK, KV, Layout, TensorEntry, layout_of
 from birdbone.io.gguf_reader import GGUFFile
 from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import resolve_model_path
@@ -83,3 +83,9 @@ def copy_layout(layout: Layout) -> Layout:
     from copy import deepcopy
 
     return deepcopy(layout)
+
+
+def set_kvs(layout: Layout, values: dict) -> None:
+    """Replace or append metadata: ``values`` maps key -> (value type, value, item type)."""
+    keep = [kv for kv in layout.kvs if kv.key not in values]
+    layout.kvs = keep + [KV(k, t, v, it) for k, (t, v, it) in values.items()]

@@ -11,7 +11,6 @@ the base's and donor's sha256 and the grafted tensor names, enough to undo it fr
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,12 +18,12 @@ from typing import Callable, Iterable
 import numpy as np
 from gguf.constants import GGUFValueType
 
-from birdbone.anatomy.body import Body, copy_layout, decode
-from birdbone.anatomy.roles import ROLES, classify
+from birdbone.anatomy.body import Body, copy_layout, decode, set_kvs
+from birdbone.anatomy.selection import parse_layers, select
 from birdbone.io.atomic import check_output
 from birdbone.io.codes import code_change
 from birdbone.io.errors import BirdboneError
-from birdbone.io.gguf_layout import KV, write_layout
+from birdbone.io.gguf_layout import write_layout
 from birdbone.io.quantize import quantize_tensor
 
 log = logging.getLogger(__name__)
@@ -41,42 +40,6 @@ class GraftResult:
     converted: dict[str, float] = field(default_factory=dict)  # name -> share of codes changed vs the base (None: not readable)
     changed_share: dict[str, float] = field(default_factory=dict)  # name -> share of dequantized values changed
     codes_changed: dict[str, float | None] = field(default_factory=dict)  # name -> share of integer codes changed
-
-
-def parse_layers(spec: str | None, n_layers: int | None) -> set[int] | None:
-    """``'5-20'``, ``'3'``, ``'1,4-6'`` -> layer indices; checked against the model's block count."""
-    if spec is None:
-        return None
-    out: set[int] = set()
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise BirdboneError(f"--layers {spec!r}: expected ranges like 5-20 or 1,4-6")
-        a, b = int(m[1]), int(m[2] or m[1])
-        if b < a:
-            raise BirdboneError(f"--layers {spec!r}: range {a}-{b} runs backwards")
-        out.update(range(a, b + 1))
-    if n_layers is not None and max(out) >= n_layers:
-        raise BirdboneError(f"--layers {spec!r}: the model has layers 0-{n_layers - 1}")
-    return out
-
-
-def select(donor: Body, layers: set[int] | None, roles: Iterable[str] | None, pattern: str | None) -> list[str]:
-    roles = set(roles) if roles else None
-    if roles and not roles <= set(ROLES):
-        raise BirdboneError(f"--roles: unknown role(s) {sorted(roles - set(ROLES))}; known: {', '.join(ROLES)}")
-    rx = re.compile(pattern) if pattern else None
-    chosen = []
-    for name in donor.entries:
-        a = classify(name)
-        if layers is not None and a.layer not in layers:
-            continue
-        if roles is not None and a.role not in roles:
-            continue
-        if rx is not None and not rx.search(name):
-            continue
-        chosen.append(name)
-    return chosen
 
 
 def check_fit(base: Body, donor: Body, names: list[str], convert: bool) -> list[str]:
@@ -129,7 +92,7 @@ def graft(base_path: str | Path, donor_path: str | Path, out: str | Path, layers
                 # a small change can round back onto the base's codes: say how much really moved
                 result.converted[n] = result.codes_changed[n] if change is not None else result.changed_share[n]
         layout = copy_layout(base.layout)
-        _set_kvs(layout, {
+        set_kvs(layout, {
             "birdbone.graft.base": (GGUFValueType.STRING, base.name, None),
             "birdbone.graft.base_sha256": (GGUFValueType.STRING, base.sha256, None),
             "birdbone.graft.donor": (GGUFValueType.STRING, donor.name, None),
@@ -146,8 +109,3 @@ def graft(base_path: str | Path, donor_path: str | Path, out: str | Path, layers
         write_layout(out, layout, chunks_of, progress)
     log.info("grafted %d tensor(s) from %s", len(names), donor_path)
     return result
-
-
-def _set_kvs(layout, values: dict) -> None:
-    keep = [kv for kv in layout.kvs if kv.key not in values]
-    layout.kvs = keep + [KV(k, t, v, it) for k, (t, v, it) in values.items()]

@@ -60,6 +60,18 @@ class TensorMeasures:
         return d
 
 
+def theta_of(x: np.ndarray, config: MeasureConfig = DEFAULT_CONFIG) -> float | None:
+    """θ_v1 of one float tensor; None where the distribution cannot be measured (empty, NaN, constant)."""
+    x = np.asarray(x)
+    if x.size == 0 or not np.isfinite(x).all():
+        return None
+    try:
+        dist = describe_distribution(x, config)
+    except MeasureSkipped:
+        return None
+    return theta_v1(dist.entropy, dist.kurtosis, dist.coherence, dist.n_sample)
+
+
 def _skip_all(reasons: dict[str, str], why: str, groups=("distribution", "theta", "spectrum", "alpha")) -> None:
     for g in groups:
         reasons.setdefault(g, why)
