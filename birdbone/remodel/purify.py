@@ -30,15 +30,11 @@ from typing import Callable, Iterable
 import numpy as np
 from gguf.constants import GGUFValueType
 
-from birdbone.anatomy.body import Body, copy_layout, decode, set_kvs
+from birdbone.anatomy.body import Body
 from birdbone.anatomy.selection import parse_layers, select
-from birdbone.io.atomic import check_output
 from birdbone.io.errors import BirdboneError
-from birdbone.io.gguf_layout import write_layout
-from birdbone.io.gguf_writer import FILE_TYPE_OF
-from birdbone.io.quantize import quantize_tensor
-from birdbone.io.types import legal_type, tensor_type
 from birdbone.measure.tensor import theta_of
+from birdbone.remodel.rewrite import relative_change, rewrite_tensors
 
 log = logging.getLogger(__name__)
 CORE_ENERGY = 0.9  # share of a row's spectral energy the fft core keeps untouched
@@ -131,27 +127,19 @@ def purify_model(src: str | Path, out: str | Path, method: str, strength: float 
     """
     if method not in METHODS:
         raise BirdboneError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    transform = METHODS[method]
-    out = Path(out)
-    forced = tensor_type(out_type) if out_type else None
+    purify = METHODS[method]
     with Body(src) as body:
         n_layers = body.meta(f"{body.architecture}.block_count")
         names = [n for n in select(body, parse_layers(layers, n_layers), roles, tensors) if len(body.entries[n].ne) == 2]
         if not names:
             raise BirdboneError(f"{body.path}: the selection matches no 2-D weight (check --roles, --layers, --tensors)")
-        check_output(out, [body.path], need_bytes=sum(t.n_bytes for t in body.layout.tensors) * 2 + 2**20)
-        layout = copy_layout(body.layout)
-        entries = {t.name: t for t in layout.tensors}
-        for t in layout.tensors:
-            t.offset = None  # sizes may change: place tensors one after another
-        result = PurifyResult(out, method, strength, names)
-        for name in names:  # types are fixed before writing, as the layout's offsets depend on them
-            wanted = forced or body.entries[name].type
-            entries[name].type = legal_type(wanted, entries[name].ne[0])
-            if entries[name].type != wanted:
-                log.warning("%s: rows of %d values do not fit %s; writing %s (as llama.cpp does)",
-                            name, entries[name].ne[0], wanted.name, entries[name].type.name)
-            result.types[name] = entries[name].type.name
+        result = PurifyResult(Path(out), method, strength, names)
+
+        def observe(name: str, before: np.ndarray, after: np.ndarray) -> None:
+            result.theta_before[name] = theta_of(before)
+            result.theta_after[name] = theta_of(after)
+            result.relative_change[name] = relative_change(before, after)
+
         provenance = {
             "birdbone.purify.source": (GGUFValueType.STRING, body.name, None),
             "birdbone.purify.source_sha256": (GGUFValueType.STRING, body.sha256, None),
@@ -159,30 +147,6 @@ def purify_model(src: str | Path, out: str | Path, method: str, strength: float 
             "birdbone.purify.strength": (GGUFValueType.FLOAT32, float(strength), None),
             "birdbone.purify.tensors": (GGUFValueType.ARRAY, names, GGUFValueType.STRING),
         }
-        two_d = [t for t in layout.tensors if len(t.ne) == 2]
-        if forced is not None and out_type.upper() in FILE_TYPE_OF and all(t.type == forced for t in two_d):
-            provenance["general.file_type"] = (GGUFValueType.UINT32, FILE_TYPE_OF[out_type.upper()], None)
-        set_kvs(layout, provenance)
-
-        done = 0
-
-        def purified(name: str) -> bytes:
-            nonlocal done
-            before = body.tensor(name)
-            q = quantize_tensor(transform(before, strength), entries[name].type, name=name)
-            after = decode(q.data, entries[name])
-            result.theta_before[name] = theta_of(before)
-            result.theta_after[name] = theta_of(after)
-            norm = float(np.linalg.norm(before))
-            result.relative_change[name] = float(np.linalg.norm(after - before)) / norm if norm > 0 else 0.0
-            done += 1
-            if progress:
-                progress(done, len(names))
-            return q.data.tobytes()
-
-        def chunks_of(t):  # one tensor in memory at a time
-            return [purified(t.name)] if t.name in result.types else body.chunks(t.name)
-
-        write_layout(out, layout, chunks_of)
+        result.types = rewrite_tensors(body, out, names, lambda name, x: purify(x, strength), out_type, provenance, observe, progress)
     log.info("purified %d tensor(s) with %s at strength %g", len(names), method, strength)
     return result
