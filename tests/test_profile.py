@@ -12,7 +12,7 @@ from tests.fixtures import assert_llama_cpp_uses_imatrix
 
 from birdbone.io import open_model
 from birdbone.io.errors import InputError
-from birdbone.io.imatrix import read_imatrix
+from birdbone.io.imatrix import read_imatrix, shuffle_channels
 from birdbone.measure.profile import profile
 from birdbone.measure.usage import write_profile
 
@@ -77,6 +77,19 @@ def test_profile_files_round_trip(tiny_k, tiny_k_profile):
 def test_llama_cpp_uses_the_imatrix(tiny_k, tiny_k_profile, tmp_path):
     path = tiny_k_profile[1] / "imatrix.gguf"
     assert_llama_cpp_uses_imatrix(tiny_k.gguf_f16, path, tmp_path)
+
+
+def test_shuffled_control_keeps_values_moves_channels(tiny_k, tiny_k_profile, tmp_path):
+    real = tiny_k_profile[1] / "imatrix.gguf"
+    ctrl = shuffle_channels(real, tmp_path / "shuffled.gguf", seed=3)
+    a, b = read_imatrix(real), read_imatrix(ctrl)
+    assert set(a.values) == set(b.values) and b.datasets[-1] == "channel-shuffled (seed 3)"
+    moved = 0
+    for name, v in a.values.items():
+        np.testing.assert_allclose(np.sort(b.values[name]), np.sort(v), rtol=1e-6)
+        moved += int(np.mean(b.values[name] != v) > 0.9)
+    assert moved == len(a.values)
+    assert_llama_cpp_uses_imatrix(tiny_k.gguf_f16, ctrl, tmp_path)
 
 
 def test_gradients_in_gguf_layout(tiny):

@@ -125,3 +125,23 @@ def write_imatrix(path: str | Path, sums: dict[str, np.ndarray], counts: dict[st
         arrays[name + COUNT_SUFFIX] = np.ascontiguousarray(counts[name], dtype=np.float32).reshape(-1, 1)
     entries = [TensorEntry(n, tuple(reversed(a.shape)), GGMLQuantizationType.F32) for n, a in arrays.items()]
     write_layout(path, Layout(kvs, entries), lambda e: [arrays[e.name].tobytes()])
+
+
+def shuffle_channels(path: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """A control imatrix: each weight's importance values permuted across its input channels.
+
+    Same totals, same distribution, same names and counts — only *which* channel is important
+    is destroyed. If a real imatrix helps quantization and this one does not, the help comes
+    from knowing the channels, not from the values' overall scale.
+    """
+    im = read_imatrix(path)
+    if not im.sums:
+        raise InputError(Path(path), "only the GGUF imatrix format keeps the sums a shuffled copy needs")
+    rng = np.random.default_rng(seed)
+    sums = {}
+    for name, s in im.sums.items():
+        rows = s.reshape(s.shape[0] if s.ndim > 1 else 1, -1)
+        perm = rng.permutation(rows.shape[1])
+        sums[name] = rows[:, perm].reshape(s.shape)
+    write_imatrix(out, sums, im.counts, im.datasets + [f"channel-shuffled (seed {seed})"], im.chunk_count, im.chunk_size)
+    return Path(out)
