@@ -49,6 +49,13 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.n
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """llama.cpp q/k rows -> Hugging Face order: the inverse of :func:`permute_qk`."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def to_gguf_tensors(arch: str, n_layers: int, n_head: int, n_head_kv: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rename (and re-permute) a Hugging Face state dict into GGUF tensors."""
     out, unknown = {}, []

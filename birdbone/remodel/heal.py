@@ -1,0 +1,207 @@
+"""Healing: LoRA through ``peft`` on masked linear layers, so pruned weights stay exactly zero.
+
+A pruned layer becomes a :class:`MaskedLinear` (an ``nn.Linear`` whose weight is multiplied by a
+fixed bool mask). peft's stock LoRA adds B·A densely, which would bring pruned weights back the
+moment the delta is merged; :class:`MaskedLoraLinear` (registered with peft's custom-module hook)
+instead computes ``F.linear(x, (W + s·B·A) ⊙ M)``, so what heals is exactly what will be
+exported. The base weights never receive gradients; :func:`heal` returns each module's LoRA
+factors for the :class:`~birdbone.remodel.history.DeltaHistory` and leaves the model as it found it.
+
+Names: the history works in GGUF names and llama.cpp's row order; torch modules use Hugging
+Face names and order (q/k rows permuted, :func:`birdbone.bridge.names.permute_qk`).
+:func:`gguf_modules` maps one to the other and :func:`to_hf_rows` / :func:`to_gguf_rows` move
+masks and B factors between the two orders (a row permutation, so LoRA factors stay exact).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from birdbone.bridge.names import PERMUTED_QK, hf_to_gguf_name, permute_qk, unpermute_qk
+from birdbone.io.errors import BirdboneError
+
+log = logging.getLogger(__name__)
+LR_1 = 2e-4  # the plan's first-wave learning rate
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    steps: int = 40  # CPU default: ~5 s per step of 4×128 tokens on the built-in model
+    lr: float = LR_1
+    rank: int = 8
+    alpha: float = 16.0
+    batch: int = 4
+    seq: int = 128
+    kd_weight: float = 0.0  # weight of KL(parent ‖ model) next to cross-entropy
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0 or self.lr <= 0 or self.rank < 1 or self.batch < 1 or self.seq < 2 or self.kd_weight < 0:
+            raise BirdboneError(f"heal config out of range: {self}")
+
+    def for_wave(self, k: int, total_waves: int) -> "HealConfig":
+        """The plan's taper: E_k = E_1(1 − (k−1)/R) steps and lr_k = lr_1(1 − (k−1)/R) for wave k of R."""
+        f = max(0.0, 1.0 - (k - 1) / max(total_waves, 1))
+        return HealConfig(max(1, math.ceil(self.steps * f)), self.lr * max(f, 1e-3), self.rank, self.alpha, self.batch,
+                          self.seq, self.kd_weight, self.seed + k)
+
+
+@dataclass
+class HealResult:
+    losses: list[float] = field(default_factory=list)
+    lora: dict[str, tuple[np.ndarray, np.ndarray, float]] = field(default_factory=dict)  # GGUF name -> (A, B, scale), GGUF rows
+
+
+# -- names and row order ------------------------------------------------------------------------------
+def gguf_modules(lm, arch: str = "llama") -> dict[str, str]:
+    """GGUF weight name -> Hugging Face module name, for every linear layer of the model."""
+    n_layers = lm.config.num_hidden_layers
+    out = {}
+    for mod_name, mod in lm.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            g = hf_to_gguf_name(arch, n_layers, f"{mod_name}.weight")
+            if g is not None:
+                out[g] = mod_name
+    return out
+
+
+def _qk_heads(lm, name: str, arch: str) -> tuple[int, int] | None:
+    if arch not in PERMUTED_QK:
+        return None
+    if name.endswith("attn_q.weight"):
+        return lm.config.num_attention_heads, lm.config.num_attention_heads
+    if name.endswith("attn_k.weight"):
+        return lm.config.num_attention_heads, lm.config.num_key_value_heads
+    return None
+
+
+def to_hf_rows(lm, name: str, rows: np.ndarray, arch: str = "llama") -> np.ndarray:
+    heads = _qk_heads(lm, name, arch)
+    return unpermute_qk(rows, *heads) if heads else rows
+
+
+def to_gguf_rows(lm, name: str, rows: np.ndarray, arch: str = "llama") -> np.ndarray:
+    heads = _qk_heads(lm, name, arch)
+    return permute_qk(rows, *heads) if heads else rows
+
+
+# -- masked layers ------------------------------------------------------------------------------------
+class MaskedLinear(torch.nn.Linear):
+    """A frozen linear layer whose pruned weights are exactly zero (weight ⊙ mask)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MaskedLoraLinear(LoraLinear):
+    """LoRA whose delta is masked too: y = x · ((W + s·B·A) ⊙ M)ᵀ."""
+
+    def forward(self, x, *args, **kwargs):
+        base = self.get_base_layer()
+        if self.disable_adapters or self.merged:
+            return base(x)
+        w = base.weight
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                w = w + self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+        return F.linear(x, w * base.mask, base.bias)
+
+
+def set_weights(lm, weights: dict[str, tuple[np.ndarray, np.ndarray]], arch: str = "llama") -> None:
+    """Load (weights, mask) per GGUF name (llama.cpp row order) into the model's linear layers,
+    turning each into a MaskedLinear. Other layers are left alone."""
+    modules = gguf_modules(lm, arch)
+    missing = [n for n in weights if n not in modules]
+    if missing:
+        raise BirdboneError(f"the torch model has no linear layer for {missing[:3]}")
+    for name, (w, m) in weights.items():
+        parent_name, _, child = modules[name].rpartition(".")
+        parent = lm.get_submodule(parent_name)
+        old = getattr(parent, child)
+        w_hf = torch.from_numpy(np.array(to_hf_rows(lm, name, w, arch), dtype=np.float32))  # a copy torch may own
+        m_hf = torch.from_numpy(np.array(to_hf_rows(lm, name, m, arch), dtype=bool))
+        if tuple(w_hf.shape) != tuple(old.weight.shape):
+            raise BirdboneError(f"{name}: weights {tuple(w.shape)} do not fit the layer's {tuple(old.weight.shape)}")
+        if not isinstance(old, MaskedLinear):
+            new = MaskedLinear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+            new.weight = torch.nn.Parameter(w_hf, requires_grad=False)
+            if old.bias is not None:
+                new.bias = torch.nn.Parameter(old.bias.detach().clone(), requires_grad=False)
+            new.register_buffer("mask", m_hf)
+            setattr(parent, child, new)
+        else:
+            old.weight.data = w_hf
+            old.mask = m_hf
+
+
+# -- data -----------------------------------------------------------------------------------------------
+def token_batches(tokens: np.ndarray, batch: int, seq: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless random windows of seq + 1 tokens, (batch, seq + 1) int64, from a seeded generator."""
+    if len(tokens) < seq + 2:
+        raise BirdboneError(f"the text has {len(tokens)} tokens, too few for one window of {seq + 1}")
+    rng = np.random.default_rng(seed)
+    while True:
+        starts = rng.integers(0, len(tokens) - seq - 1, size=batch)
+        yield np.stack([tokens[s : s + seq + 1] for s in starts]).astype(np.int64)
+
+
+# -- healing --------------------------------------------------------------------------------------------
+def heal(lm, names: list[str], tokens: np.ndarray, cfg: HealConfig, parent_logits: Callable | None = None,
+         arch: str = "llama", progress: Callable[[int, int], None] | None = None) -> HealResult:
+    """Train rank-``cfg.rank`` masked LoRA on the MaskedLinear layers ``names`` (GGUF names) for
+    ``cfg.steps`` steps of next-token cross-entropy (+ ``kd_weight`` · KL to ``parent_logits(x)``).
+    Returns the losses and the factors in GGUF row order; the model is left without adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = gguf_modules(lm, arch)
+    for n in names:
+        if n not in modules or not isinstance(lm.get_submodule(modules[n]), MaskedLinear):
+            raise BirdboneError(f"{n}: not a masked layer (call set_weights first)")
+    if cfg.kd_weight > 0 and parent_logits is None:
+        raise BirdboneError("kd_weight > 0 needs the parent's logits")
+    torch.manual_seed(cfg.seed)
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
+                        target_modules=[modules[n] for n in names])
+    config._register_custom_module({MaskedLinear: MaskedLoraLinear})
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(lm, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    result = HealResult()
+    data = token_batches(tokens, cfg.batch, cfg.seq, cfg.seed)
+    model.train()
+    try:
+        for step in range(cfg.steps):
+            x = torch.from_numpy(next(data))
+            logits = model(input_ids=x[:, :-1]).logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            if cfg.kd_weight > 0:
+                with torch.no_grad():
+                    target = F.log_softmax(parent_logits(x[:, :-1]).float(), dim=-1)
+                kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean") / logits.shape[1]
+                loss = loss + cfg.kd_weight * kl
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            result.losses.append(float(loss.detach()))
+            if progress:
+                progress(step + 1, cfg.steps)
+        for n in names:
+            layer = model.base_model.model.get_submodule(modules[n])
+            a = layer.lora_A["default"].weight.detach().numpy().astype(np.float32)
+            b = layer.lora_B["default"].weight.detach().numpy().astype(np.float32)
+            result.lora[n] = (a, to_gguf_rows(lm, n, b, arch), float(layer.scaling["default"]))
+    finally:
+        model.eval()
+        model.base_model.unload()  # back to the MaskedLinear layers, nothing merged
+    return result
