@@ -491,6 +491,78 @@ def purify(
         print_eval(evaluation)
 
 
+# -- remodel: prune / revert ----------------------------------------------------------------
+CONFIG_OPT = typer.Option(None, "--config", help="YAML file with config keys (see --help of the verb for the main ones).")
+SET_OPT = typer.Option([], "--set", help="Override a config key: key=value, dotted for sections (heal.steps=20). Repeatable.")
+
+
+def _print_run_tail(metrics: list[dict]) -> None:
+    table = Table("wave", "phase", "density", "ppl", "Δppl", "KLD", "heal steps", "s", title="waves (torch, held-out text)", box=None)
+    for m in metrics:
+        table.add_row(str(m["wave"]), m["phase"], f"{m['density']:.3f}", f"{m['ppl']:.3f}", fmt(m.get("dppl_pct"), "+.2f", "%"),
+                      fmt(m.get("kld"), ".4f"), str(m.get("heal_steps", "-")), f"{m.get('seconds', 0):.0f}")
+    out_console.print(table)
+
+
+@app.command()
+def prune(
+    model: str = MODEL_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Output GGUF of the final wave."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: created, or resumed when it holds this model and config."),
+    target_density: Optional[float] = typer.Option(None, "--target-density", help="Share of each prunable weight to keep, in (0, 1] (default 0.7)."),
+    score_kind: Optional[str] = typer.Option(None, "--score", help="magnitude, wanda (default), taylor or usage."),
+    heal_steps: Optional[int] = typer.Option(None, "--heal-steps", help="LoRA healing steps after the first wave (tapering after; default 40)."),
+    granularity: Optional[str] = typer.Option(None, "--granularity", help="row (default) or N:M such as 2:4."),
+    out_type: str = typer.Option("F16", "--type", help="Type of the exported GGUF (F16, F32, or any llama.cpp type, e.g. Q8_0, Q4_K_M)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text; its last tenth is held out for the guardrail (default: the built-in Shakespeare excerpt)."),
+    config: Optional[Path] = CONFIG_OPT,
+    sets: List[str] = SET_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Shed density in waves (at most 10 % of what is left per wave), heal each wave with masked
+    LoRA, stop and roll back when Δppl exceeds the stop-loss, then export and check in llama.cpp.
+
+    Config keys: target_density, max_wave, score, granularity, roles, holdout, eval_tokens, eval_ctx,
+    calibration_tokens, seed, heal.{steps,lr,rank,alpha,batch,seq,kd_weight}, stop_loss.{threshold_pct,patience,rollback_waves}.
+    llama.cpp has no sparse types: the exported file is as large as a dense one.
+    """
+    from birdbone.io.config import load_config
+    from birdbone.remodel.prune import PruneConfig, export, run_prune
+
+    flags = [f"{k}={v}" for k, v in (("target_density", target_density), ("score", score_kind), ("heal.steps", heal_steps),
+                                     ("granularity", granularity)) if v is not None]
+    cfg = load_config(PruneConfig, config, [*flags, *sets])
+    with progress_bar() as cb:
+        run = run_prune(model, run_dir, cfg, text, cb)
+        res = export(run_dir, out, None, out_type, (lambda i, n: cb("export", i, n)) if cb else None)
+    evaluation = _run_eval(str(out), model, run_dir / "heldout.txt", cfg.eval_ctx, cfg.eval_tokens, 0, 0)
+    if as_json:
+        emit_json({**res, "run_dir": str(run_dir), "waves": run.metrics, "eval": evaluation.as_dict()})
+        return
+    _print_run_tail(run.metrics)
+    out_console.print(f"wrote {out} (wave {res['wave']}, density {res['density']:.3f}, {out_type}); llama.cpp on the held-out text:")
+    print_eval(evaluation)
+
+
+@app.command()
+def revert(
+    run_dir: Path = typer.Argument(..., help="A run folder made by birdbone prune."),
+    to_wave: int = typer.Option(..., "--to-wave", help="Wave to export (0 = the original model, bit for bit)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output GGUF."),
+    out_type: str = typer.Option("F16", "--type", help="Type of the exported GGUF."),
+    as_json: bool = JSON_OPT,
+):
+    """Export the model as it was after any committed wave, replayed exactly from the run's history."""
+    from birdbone.remodel.prune import export
+
+    with progress_bar() as cb:
+        res = export(run_dir, out, to_wave, out_type, (lambda i, n: cb("export", i, n)) if cb else None)
+    if as_json:
+        emit_json(res)
+    else:
+        out_console.print(f"wrote {res['out']} (wave {res['wave']}, density {res['density']:.3f}, {res['type']})")
+
+
 # -- generate / chat --------------------------------------------------------------------------
 @app.command()
 def generate(

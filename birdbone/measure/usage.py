@@ -128,3 +128,32 @@ def write_profile(profile: UsageProfile, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
+
+
+def read_profile(folder: str | Path) -> UsageProfile:
+    """A profile folder written by :func:`write_profile`, back as a :class:`UsageProfile`."""
+    from safetensors import safe_open
+
+    from birdbone.io.errors import InputError
+
+    folder = Path(folder)
+    path, summary = folder / "usage.safetensors", folder / "usage.json"
+    if not path.exists() or not summary.exists():
+        raise InputError(folder, "not a usage profile folder (usage.safetensors and usage.json expected)")
+    s = json.loads(summary.read_text(encoding="utf-8"))
+    prof = UsageProfile(s["model"], s["text"], s["tokens"], s["ctx"], s["chunks"], s["eps"], version=s["version"])
+    with safe_open(str(path), "numpy") as f:
+        for key in f.keys():
+            name, kind = key.rsplit(".", 1)
+            arr = f.get_tensor(key)
+            if kind == "in_sum2":
+                prof.in_sum2[name] = arr
+            elif kind == "counts":
+                prof.counts[name] = int(arr[0])
+            elif kind == "act_freq":
+                prof.act_freq[name] = arr
+            elif kind == "grad_abs":
+                prof.grad_abs[name] = arr
+            elif kind == "head_norm":
+                prof.head_norm[int(name.split(".")[1])] = arr
+    return prof

@@ -1,0 +1,135 @@
+"""Typed configs from YAML and ``--set key=value``: read once, checked once, then plain dataclasses.
+
+:func:`load_config` builds a (frozen) dataclass, nested dataclasses included, from an optional
+YAML file and ``key=value`` overrides (dotted keys reach nested sections: ``heal.steps=20``).
+Unknown keys and values of the wrong type are one-line errors naming the file or the option;
+the dataclass's own ``__post_init__`` checks ranges. :func:`config_dict` turns it back into
+plain data for a run folder's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from birdbone.io.errors import BirdboneError, InputError
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        errors = []
+        for k in kinds:
+            try:
+                return _coerce(value, k, where)
+            except BirdboneError as e:
+                errors.append(str(e))
+        raise BirdboneError(errors[0])
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise BirdboneError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else str
+        return tuple(_coerce(v, item, where) for v in value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise BirdboneError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+            raise BirdboneError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise BirdboneError(f"{where}: expected a number, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise BirdboneError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type[T], data: dict, where: str) -> T:
+    if not isinstance(data, dict):
+        raise BirdboneError(f"{where}: expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise BirdboneError(f"{where}: config key {unknown[0]!r} does not exist (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, f"{where}.{name}" if where else name)
+        else:
+            kwargs[name] = _coerce(value, kind, f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise BirdboneError(f"{where or cls.__name__}: {e}") from None
+
+
+def _set(data: dict, dotted: str, value: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise BirdboneError(f"--set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> T:
+    """``cls`` from the YAML at ``path`` (if any), then ``key=value`` overrides, checked."""
+    data: dict = {}
+    where = ""
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "no such config file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise InputError(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise InputError(path, "a config file must be a mapping of keys to values")
+        where = str(path)
+    for item in sets:
+        if "=" not in item:
+            raise BirdboneError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        _set(data, key.strip(), value.strip())
+    try:
+        return _build(cls, data, "")
+    except BirdboneError as e:
+        raise BirdboneError(f"{where}: {e}" if where else str(e)) from None
+
+
+def config_dict(cfg) -> dict:
+    """Plain data (tuples as lists) for JSON."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))

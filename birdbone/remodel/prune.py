@@ -1,0 +1,345 @@
+"""The bird-bone loop: shed density in gentle waves, heal, and back off when the model suffers.
+
+One run lives in a folder::
+
+    config.json     resolved PruneConfig + the source file's sha256 (a resume must match both)
+    calibration.txt the text the scores and healing use (the first 1 − holdout of the text)
+    heldout.txt     the rest: the guardrail's evaluation text, never trained on
+    usage/          the source model's profile (imatrix values, activation frequency, gradients)
+    history/        DeltaHistory: one file per completed wave
+    metrics.jsonl   one line per completed wave (wave 0 = the unpruned model)
+    state.json      waves done, phase, stop-loss counters
+
+Every wave starts from the weights the history replays, never from weights kept in memory, so an
+uninterrupted run and one resumed after ``kill -9`` compute the same bytes. A wave is committed
+by writing its history file, then metrics and state (each atomically); files of a wave that was
+not committed are dropped on resume.
+
+Per wave: each tensor loses at most ``max_wave`` of its live weights, lowest score first
+(:mod:`masks`), then masked LoRA heals the pruned modules (:mod:`heal`, steps and learning rate
+tapering over the expected number of waves), then the held-out text is scored in torch (ppl and
+KLD against the source's llama.cpp log-probabilities). Stop-loss: when Δppl against the unpruned
+model exceeds ``stop_loss.threshold_pct`` in ``patience`` consecutive waves, pruning stops and
+the next ``rollback_waves`` waves each give back a third of the last pruning wave's weights
+(highest score first, at their original values), healing after each, until the guardrail holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from birdbone.anatomy.roles import classify
+from birdbone.io.atomic import write_text_atomic
+from birdbone.io.config import config_dict
+from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.hashing import file_sha256
+from birdbone.io.model_file import open_model, resolve_model_path
+from birdbone.remodel.heal import HealConfig, heal, set_weights
+from birdbone.remodel.history import DeltaHistory, WaveDelta
+from birdbone.remodel.masks import MAX_WAVE, SCORES, check_wave, parse_granularity, score, wave
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class StopLoss:
+    threshold_pct: float = 3.0  # Δppl vs the unpruned model that counts as suffering (the plan's 3 %)
+    patience: int = 2  # consecutive suffering waves before pruning stops
+    rollback_waves: int = 3  # N_rb: waves that each give back a third of the last wave's weights
+
+    def __post_init__(self):
+        if self.threshold_pct <= 0 or self.patience < 1 or self.rollback_waves < 1:
+            raise ValueError(f"stop_loss out of range: {self}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    target_density: float = 0.7
+    max_wave: float = MAX_WAVE
+    score: str = "wanda"
+    granularity: str = "row"  # row, or N:M such as 2:4
+    roles: tuple[str, ...] = ("skeleton", "organ")
+    heal: HealConfig = field(default_factory=HealConfig)
+    stop_loss: StopLoss = field(default_factory=StopLoss)
+    holdout: float = 0.1  # share of the text kept for the guardrail
+    eval_tokens: int = 2048
+    eval_ctx: int = 256
+    calibration_tokens: int = 4096  # profiled for the wanda / usage / taylor scores
+    seed: int = 0
+
+    def __post_init__(self):
+        check_wave(self.max_wave, self.target_density)
+        if self.score not in SCORES:
+            raise ValueError(f"score {self.score!r}: choose one of {', '.join(SCORES)}")
+        g = parse_granularity(self.granularity)
+        if g.implied_density is not None and not math.isclose(g.implied_density, self.target_density):
+            raise ValueError(f"granularity {self.granularity} means target_density {g.implied_density:g}")
+        if not set(self.roles) <= {"skeleton", "organ", "other"}:
+            raise ValueError(f"roles {self.roles}: prunable roles are skeleton, organ, other (never embed or norm)")
+        if not 0.0 < self.holdout < 0.5 or self.eval_tokens < 2 * self.eval_ctx or self.eval_ctx < 16:
+            raise ValueError("holdout must be in (0, 0.5) and eval_tokens at least two windows of eval_ctx (≥ 16)")
+
+    @property
+    def expected_waves(self) -> int:
+        """R: waves of max_wave each needed to reach the target (the healing taper's horizon)."""
+        if self.target_density >= 1.0:
+            return 1
+        return max(1, math.ceil(math.log(self.target_density) / math.log(1.0 - self.max_wave)))
+
+
+@dataclass
+class RunState:
+    waves: int = 0
+    phase: str = "prune"  # prune | rollback | done
+    breaches: int = 0
+    rollback_left: int = 0
+    rollback_of: int = 0  # the pruning wave being partly undone
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Run:
+    """A run folder: its config, text split, history, metrics and state."""
+
+    def __init__(self, folder: str | Path, source: str | Path, cfg: PruneConfig, text: str | Path | None):
+        self.folder = Path(folder)
+        self.source = resolve_model_path(source)
+        self.cfg = cfg
+        self.config = {"source": {"path": str(self.source), "sha256": file_sha256(self.source)}, "prune": config_dict(cfg)}
+        path = self.folder / "config.json"
+        if path.exists():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if old.get("source", {}).get("sha256") != self.config["source"]["sha256"]:
+                raise InputError(self.folder, f"this run folder belongs to another model ({old.get('source', {}).get('path')})")
+            if old.get("prune") != self.config["prune"]:
+                raise InputError(self.folder, "this run folder was started with another config; use a new --run-dir")
+        else:
+            if self.folder.exists() and any(self.folder.iterdir()):
+                raise InputError(self.folder, "run folder exists and is not a birdbone run (no config.json)")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._split_text(text)
+            write_text_atomic(path, json.dumps(self.config, indent=2))
+        self.state = RunState(**json.loads((self.folder / "state.json").read_text())) if (self.folder / "state.json").exists() else RunState()
+
+    def _split_text(self, text) -> None:
+        from birdbone.io.text import load_text
+
+        body, name = load_text(text)
+        cut = int(len(body) * (1.0 - self.cfg.holdout))
+        nl = body.find("\n", cut)
+        cut = nl + 1 if nl >= 0 else cut
+        write_text_atomic(self.folder / "calibration.txt", body[:cut])
+        write_text_atomic(self.folder / "heldout.txt", body[cut:])
+        (self.folder / "text-source.txt").write_text(name + "\n", encoding="utf-8")
+
+    @property
+    def metrics(self) -> list[dict]:
+        path = self.folder / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def commit(self, metrics: dict) -> None:
+        lines = [json.dumps(m) for m in self.metrics if m["wave"] < metrics["wave"]] + [json.dumps(metrics)]
+        write_text_atomic(self.folder / "metrics.jsonl", "\n".join(lines) + "\n")
+        write_text_atomic(self.folder / "state.json", json.dumps(self.state.as_dict(), indent=2))
+
+    def drop_uncommitted(self, history: DeltaHistory) -> None:
+        for k in range(self.state.waves + 1, history.n_waves + 1):
+            log.warning("dropping wave %d: it was not committed before the run stopped", k)
+            (history.folder / f"wave-{k:04d}.safetensors").unlink()
+
+
+def advance(st: RunState, k: int, breach: bool, rule: StopLoss) -> None:
+    """The stop-loss as a state machine, after wave ``k`` was scored (``breach``: Δppl too high)."""
+    st.waves = k
+    if st.phase == "prune":
+        st.breaches = st.breaches + 1 if breach else 0
+        if st.breaches >= rule.patience:
+            st.phase, st.rollback_left, st.rollback_of = "rollback", rule.rollback_waves, k
+    elif st.phase == "rollback":
+        st.rollback_left -= 1
+        if not breach or st.rollback_left <= 0:
+            st.phase = "done"
+
+
+def prunable(m, roles) -> list[str]:
+    return [n for n, t in m.tensors.items() if len(t.shape) == 2 and n.startswith("blk.") and classify(n).role in roles]
+
+
+def _usage(run: Run, cfg: PruneConfig, progress: Progress | None):
+    """The source model's profile on the calibration text (cached in the run folder)."""
+    from birdbone.measure import profile, write_profile
+    from birdbone.measure.usage import read_profile
+
+    folder = run.folder / "usage"
+    if not (folder / "usage.safetensors").exists():
+        prof = profile(run.source, run.folder / "calibration.txt", cfg.calibration_tokens, min(512, cfg.eval_ctx * 2),
+                       gradients=cfg.score == "taylor", progress=progress)
+        write_profile(prof, folder)
+    return read_profile(folder)
+
+
+def _scores(kind: str, name: str, w: np.ndarray, usage) -> np.ndarray:
+    if usage is None:
+        return score(kind, w)
+    return score(kind, w, importance=usage.importance(name) if name in usage.in_sum2 else None,
+                 grad=usage.grad_abs.get(name), act_freq=usage.act_freq.get(name))
+
+
+def _evaluate(lm, run: Run, cfg: PruneConfig, progress: Progress | None) -> dict:
+    from birdbone.evaluate.compare import EvalConfig, evaluate_torch
+
+    ecfg = EvalConfig(ctx=cfg.eval_ctx, tokens=cfg.eval_tokens, decode=0, canary_tokens=0)
+    r = evaluate_torch(lm, run.source, run.source, run.folder / "heldout.txt", ecfg, progress)
+    return {"ppl": r.model.ppl.ppl, "parent_ppl_llama_cpp": r.parent.ppl.ppl, "kld": r.kld.get("kld_mean"),
+            "top1": r.kld.get("top1_agreement")}
+
+
+def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: str | Path | None = None,
+              progress: Progress | None = None) -> Run:
+    """Run (or resume) the loop until the target density is reached or the stop-loss ends it."""
+    import torch
+
+    from birdbone.bridge import load_causal_lm
+
+    run = Run(run_dir, source, cfg, text)
+    if run.state.phase == "done":
+        return run
+    torch.manual_seed(cfg.seed)
+    gran = parse_granularity(cfg.granularity)
+    with open_model(run.source) as m:
+        names = prunable(m, cfg.roles)
+        if not names:
+            raise BirdboneError(f"{run.source}: no prunable weights in roles {cfg.roles}")
+        shapes = {n: m.tensors[n].shape for n in names}
+        history = DeltaHistory(run.folder / "history", shapes)
+        run.drop_uncommitted(history)
+        usage = _usage(run, cfg, progress) if cfg.score != "magnitude" else None
+        lm = load_causal_lm(run.source)
+        from birdbone.io.runtime import LlamaRuntime
+
+        with LlamaRuntime(run.source, n_ctx=64) as rt:
+            tokens = rt.tokenize((run.folder / "calibration.txt").read_text(encoding="utf-8"), add_special=False)
+        if run.state.waves == 0 and not run.metrics:
+            set_weights(lm, history.state_at(0, m.tensor))
+            run.commit({"wave": 0, "phase": "start", "density": 1.0, **_evaluate(lm, run, cfg, progress), "seconds": 0.0})
+        base_ppl = run.metrics[0]["ppl"]
+        while run.state.phase != "done":
+            k = run.state.waves + 1
+            t0 = time.time()
+            current = history.state_at(k - 1, m.tensor)
+            delta = WaveDelta()
+            if run.state.phase == "prune":
+                for n in names:
+                    w, mask = current[n]
+                    gone = wave(_scores(cfg.score, n, w, usage), mask, cfg.target_density, cfg.max_wave, gran)
+                    if gone.any():
+                        delta.pruned[n] = gone
+                if not delta.pruned:
+                    run.state.phase = "done"
+                    run.commit(run.metrics[-1])
+                    break
+            else:  # rollback: a third of the pruning wave's weights back, highest score first
+                undo = history.load(run.state.rollback_of).pruned
+                for n, gone in undo.items():
+                    still_gone = gone & ~current[n][1]
+                    if not still_gone.any():
+                        continue
+                    base_w = m.tensor(n)
+                    s = np.where(still_gone, _scores(cfg.score, n, base_w, usage), -np.inf).reshape(-1)
+                    count = math.ceil(gone.sum() / cfg.stop_loss.rollback_waves)
+                    idx = np.argsort(-s, kind="stable")[: min(count, int(still_gone.sum()))]
+                    back = np.zeros(s.size, bool)
+                    back[idx] = True
+                    back = back.reshape(gone.shape)
+                    delta.revived[n], delta.reset[n], delta.values[n] = back, back, base_w[back]
+            touched = sorted(set(delta.pruned) | set(delta.revived))
+            after = {}
+            for n in names:
+                w, mask = current[n]
+                mask = (mask & ~delta.pruned.get(n, False)) | delta.revived.get(n, False)
+                w = w.copy()
+                if n in delta.reset:
+                    w[delta.reset[n]] = delta.values[n]
+                after[n] = (np.where(mask, w, np.float32(0)).astype(np.float32), mask)
+            set_weights(lm, after)
+            hcfg = cfg.heal.for_wave(min(k, cfg.expected_waves), cfg.expected_waves)
+            healed = heal(lm, touched, tokens, hcfg, progress=(lambda i, n_, k=k: progress(f"heal wave {k}", i, n_)) if progress else None) \
+                if hcfg.steps > 0 and touched else None
+            if healed:
+                delta.lora = healed.lora
+            history.append(delta)
+            state = history.state_at(k, m.tensor)
+            set_weights(lm, state)
+            metrics = _evaluate(lm, run, cfg, progress)
+            n_live = sum(int(mk.sum()) for _, mk in state.values())
+            n_all = sum(mk.size for _, mk in state.values())
+            dppl = 100.0 * (metrics["ppl"] / base_ppl - 1.0)
+            breach = dppl > cfg.stop_loss.threshold_pct
+            phase = run.state.phase
+            advance(run.state, k, breach, cfg.stop_loss)
+            if run.state.phase == "rollback" and phase == "prune":
+                log.warning("stop-loss: Δppl %.2f%% > %.1f%% in %d consecutive waves; rolling back wave %d",
+                            dppl, cfg.stop_loss.threshold_pct, run.state.breaches, k)
+            run.commit({"wave": k, "phase": phase, "density": n_live / n_all, "dppl_pct": dppl, "breach": breach, **metrics,
+                        "heal_steps": len(healed.losses) if healed else 0, "heal_lr": hcfg.lr,
+                        "heal_loss_first": healed.losses[0] if healed else None, "heal_loss_last": healed.losses[-1] if healed else None,
+                        "heal_losses": healed.losses if healed else [],
+                        "tensor_density": {n: float(state[n][1].mean()) for n in names}, "seconds": round(time.time() - t0, 1)})
+            log.info("wave %d (%s): density %.3f, ppl %.3f (%+.2f%%), KLD %.4f", k, phase, n_live / n_all, metrics["ppl"], dppl,
+                     metrics["kld"] or float("nan"))
+    return run
+
+
+def export(run_dir: str | Path, out: str | Path, wave_k: int | None = None, out_type: str = "F16",
+           progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write the model after wave ``wave_k`` (default: the last) as a GGUF; checks the zeros."""
+    from gguf.constants import GGUFValueType
+
+    from birdbone.bridge.to_gguf import write_like
+    from birdbone.io.quantize import quantize_file
+
+    folder = Path(run_dir)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise InputError(folder, "not a birdbone run folder (no config.json)")
+    config = json.loads(cfg_path.read_text())
+    source = Path(config["source"]["path"])
+    if not source.exists() or file_sha256(source) != config["source"]["sha256"]:
+        raise InputError(source, "the run's source model is missing or has changed since the run started")
+    out = Path(out)
+    with open_model(source) as m:
+        names = prunable(m, tuple(config["prune"]["roles"]))
+        history = DeltaHistory(folder / "history", {n: m.tensors[n].shape for n in names})
+        state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {"waves": 0}
+        k = state["waves"] if wave_k is None else wave_k
+        if not 0 <= k <= state["waves"]:
+            raise BirdboneError(f"wave {k}: this run has committed waves 0-{state['waves']}")
+        weights = history.state_at(k, m.tensor)
+        float_type = out_type.upper() if out_type.upper() in ("F16", "F32") else "F32"
+        target = out if float_type == out_type.upper() else out.with_name(out.name + ".f32.tmp")
+        tensors = {n: (lambda n=n: m.tensor(n)) for n in m.tensors}
+        tensors.update({n: w for n, (w, _) in weights.items()})
+        meta = {"birdbone.prune.wave": (k, GGUFValueType.UINT32, None),
+                "birdbone.prune.source_sha256": (config["source"]["sha256"], GGUFValueType.STRING, None)}
+        write_like(m, target, tensors, float_type, metadata_updates=meta, progress=progress)
+    zeros_ok = True
+    with open_model(target) as o:
+        for n, (_, mask) in weights.items():
+            zeros_ok &= int((o.tensor(n) == 0).sum()) >= int((~mask).sum())
+    if target != out:
+        quantize_file(target, out, out_type)
+        target.unlink()
+    if not zeros_ok:
+        raise BirdboneError(f"{out}: a pruned weight is not zero in the written file")
+    density = sum(int(mk.sum()) for _, mk in weights.values()) / max(1, sum(mk.size for _, mk in weights.values()))
+    return {"out": str(out), "wave": k, "type": out_type, "density": density}
