@@ -85,3 +85,20 @@ def test_scores():
 def test_bad_requests(call, message):
     with pytest.raises(BirdboneError, match=message):
         call()
+
+
+def test_rigl_swap_keeps_density_and_regrows_by_gradient():
+    from birdbone.remodel.masks import rigl_swap
+
+    s = RNG.random((6, 40))
+    mask = s > 0.5
+    grad = RNG.standard_normal((6, 40))
+    revive, kill = rigl_swap(grad, s, mask, 0.05)
+    assert not (revive & mask).any() and not (kill & ~mask).any()
+    assert (revive.sum(axis=1) == kill.sum(axis=1)).all() and revive.sum() > 0
+    for r in range(6):
+        if revive[r].any():  # the regrown have the row's largest |grad| among the dead
+            assert np.abs(grad[r, revive[r]]).min() >= np.abs(grad[r, ~mask[r] & ~revive[r]]).max()
+            assert s[r, kill[r]].max() <= s[r, mask[r] & ~kill[r]].min()
+    with pytest.raises(BirdboneError, match="outside \\[0, 0.05\\]"):
+        rigl_swap(grad, s, mask, 0.2)

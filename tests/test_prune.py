@@ -117,6 +117,26 @@ def test_rollback_gives_back_a_third_at_original_values(tiny, tmp_path, monkeypa
     assert run.metrics[3]["density"] > run.metrics[2]["density"]
 
 
+def test_rigl_and_qlora_waves(tiny, tmp_path):
+    base = ["target_density=0.8", "score=magnitude", "heal.steps=2", "heal.batch=2", "heal.seq=32", "eval_tokens=512", "eval_ctx=64"]
+    plain = run_prune(tiny.gguf_f32, tmp_path / "plain", load_config(PruneConfig, None, base))
+    rigl = run_prune(tiny.gguf_f32, tmp_path / "rigl", load_config(PruneConfig, None, [*base, "rigl=0.05", "qlora=Q8_0"]))
+    # RigL swaps as many weights as it regrows: the density path is the plain one
+    assert [m["density"] for m in rigl.metrics] == [m["density"] for m in plain.metrics]
+    shapes = run_shapes(tiny.gguf_f32)
+    hist = DeltaHistory(tmp_path / "rigl" / "history", shapes)
+    d2 = hist.load(2)
+    assert d2.revived and all((v == 0).all() for v in d2.values.values())
+    with open_model(tiny.gguf_f32) as m:
+        state = hist.state_at(2, m.tensor)
+    n = next(iter(d2.revived))
+    assert (state[n][0][d2.revived[n]] == 0).all() and state[n][1][d2.revived[n]].all()  # alive, born at zero
+    with pytest.raises(BirdboneError, match="row granularity"):
+        load_config(PruneConfig, None, ["target_density=0.5", "granularity=2:4", "rigl=0.05"])
+    with pytest.raises(BirdboneError, match="Q9_9"):
+        load_config(PruneConfig, None, ["qlora=Q9_9"])
+
+
 def run_shapes(path):
     with open_model(path) as m:
         return {n: m.tensors[n].shape for n in prunable(m, ("skeleton", "organ"))}

@@ -95,10 +95,20 @@ def to_gguf_rows(lm, name: str, rows: np.ndarray, arch: str = "llama") -> np.nda
 
 # -- masked layers ------------------------------------------------------------------------------------
 class MaskedLinear(torch.nn.Linear):
-    """A frozen linear layer whose pruned weights are exactly zero (weight ⊙ mask)."""
+    """A frozen linear layer whose pruned weights are exactly zero (weight ⊙ mask).
+
+    With ``capture`` set, the masked weight enters the forward pass as a fresh leaf tensor, so a
+    backward pass leaves the *dense* gradient ∂L/∂(W ⊙ M) in ``captured.grad`` — pruned positions
+    included, which RigL needs to choose what to regrow."""
+
+    capture = False
 
     def forward(self, x):
-        return F.linear(x, self.weight * self.mask, self.bias)
+        w = self.weight * self.mask
+        if self.capture:
+            self.captured = w.detach().requires_grad_(True)
+            w = self.captured
+        return F.linear(x, w, self.bias)
 
 
 class MaskedLoraLinear(LoraLinear):
@@ -151,6 +161,24 @@ def token_batches(tokens: np.ndarray, batch: int, seq: int, seed: int) -> Iterat
     while True:
         starts = rng.integers(0, len(tokens) - seq - 1, size=batch)
         yield np.stack([tokens[s : s + seq + 1] for s in starts]).astype(np.int64)
+
+
+def dense_gradients(lm, names: list[str], x: np.ndarray, arch: str = "llama") -> dict[str, np.ndarray]:
+    """∂L/∂W for the MaskedLinear layers ``names`` (GGUF names and row order) on one batch ``x``
+    of (batch, seq + 1) tokens, dense: pruned positions get their gradient too."""
+    modules = gguf_modules(lm, arch)
+    layers = {n: lm.get_submodule(modules[n]) for n in names}
+    for layer in layers.values():
+        layer.capture = True
+    try:
+        t = torch.from_numpy(x)
+        logits = lm(input_ids=t[:, :-1]).logits.float()
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1)).backward()
+        return {n: to_gguf_rows(lm, n, layer.captured.grad.numpy().astype(np.float32), arch) for n, layer in layers.items()}
+    finally:
+        for layer in layers.values():
+            layer.capture = False
+            layer.captured = None
 
 
 # -- healing --------------------------------------------------------------------------------------------

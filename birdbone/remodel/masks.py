@@ -139,3 +139,17 @@ def wave(scores: np.ndarray, mask: np.ndarray, target_density: float, max_wave: 
 
 def density(mask: np.ndarray) -> float:
     return float(np.mean(mask)) if mask.size else 1.0
+
+
+def rigl_swap(grad: np.ndarray, scores: np.ndarray, mask: np.ndarray, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """RigL redistribution (Evci et al. 2020), row by row: regrow up to ``share`` of each row's
+    pruned weights where |∂L/∂W| is largest (they start at zero), and prune as many of the row's
+    lowest-scoring live weights, so density stays where it is. Returns (revive, kill)."""
+    if not 0.0 <= share <= 0.05:
+        raise BirdboneError(f"RigL share {share} is outside [0, 0.05]")
+    mask = np.asarray(mask, dtype=bool)
+    dead = ~mask
+    quota = np.minimum(np.floor(share * dead.sum(axis=1)).astype(np.int64), mask.sum(axis=1))
+    revive = _lowest_live(-np.abs(np.asarray(grad, dtype=np.float32)), dead, quota)
+    kill = _lowest_live(np.asarray(scores), mask, revive.sum(axis=1))
+    return revive, kill

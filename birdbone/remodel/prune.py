@@ -74,6 +74,8 @@ class PruneConfig:
     eval_tokens: int = 2048
     eval_ctx: int = 256
     calibration_tokens: int = 4096  # profiled for the wanda / usage / taylor scores
+    rigl: float = 0.0  # share of each row's pruned weights regrown per wave after healing (≤ 0.05; 0: off)
+    qlora: str = ""  # heal against the base fake-quantized to this llama.cpp type (e.g. Q4_K); "": float
     seed: int = 0
 
     def __post_init__(self):
@@ -85,6 +87,14 @@ class PruneConfig:
             raise ValueError(f"granularity {self.granularity} means target_density {g.implied_density:g}")
         if not set(self.roles) <= {"skeleton", "organ", "other"}:
             raise ValueError(f"roles {self.roles}: prunable roles are skeleton, organ, other (never embed or norm)")
+        if not 0.0 <= self.rigl <= 0.05:
+            raise ValueError(f"rigl {self.rigl} is outside [0, 0.05]")
+        if self.rigl and g.kind != "row":
+            raise ValueError("rigl regrowth works with row granularity only")
+        if self.qlora:
+            from birdbone.io.types import tensor_type
+
+            tensor_type(self.qlora)
         if not 0.0 < self.holdout < 0.5 or self.eval_tokens < 2 * self.eval_ctx or self.eval_ctx < 16:
             raise ValueError("holdout must be in (0, 0.5) and eval_tokens at least two windows of eval_ctx (≥ 16)")
 
@@ -169,6 +179,42 @@ def advance(st: RunState, k: int, breach: bool, rule: StopLoss) -> None:
         st.rollback_left -= 1
         if not breach or st.rollback_left <= 0:
             st.phase = "done"
+
+
+def fake_quantize(w: np.ndarray, qtype: str, name: str) -> np.ndarray:
+    """What the export will store: w quantized to ``qtype`` (llama.cpp's width fallback) and back."""
+    from birdbone.anatomy.body import decode
+    from birdbone.io.gguf_layout import TensorEntry
+    from birdbone.io.quantize import quantize_tensor
+    from birdbone.io.types import legal_type, tensor_type
+
+    t = legal_type(tensor_type(qtype), w.shape[-1])
+    q = quantize_tensor(w, t, name=name)
+    return decode(q.data, TensorEntry(name, tuple(reversed(w.shape)), t))
+
+
+def regrow(lm, delta: WaveDelta, after: dict, tokens: np.ndarray, cfg: PruneConfig, usage, k: int) -> None:
+    """RigL after healing: per row, regrow the pruned weights with the largest dense gradient (at 0)
+    and prune as many of the weakest live ones; recorded in this wave's delta."""
+    from birdbone.remodel.heal import dense_gradients, token_batches
+    from birdbone.remodel.history import lora_product
+    from birdbone.remodel.masks import rigl_swap
+
+    healed = {}
+    for n, (w, mk) in after.items():
+        if n in delta.lora:
+            w = w + lora_product(*delta.lora[n])
+        healed[n] = (np.where(mk, w, np.float32(0)).astype(np.float32), mk)
+    set_weights(lm, healed)
+    batch = next(token_batches(tokens, cfg.heal.batch, cfg.heal.seq, cfg.seed + 10_000 + k))
+    grads = dense_gradients(lm, list(healed), batch)
+    for n, (w, mk) in healed.items():
+        revive, kill = rigl_swap(grads[n], _scores(cfg.score, n, w, usage), mk, cfg.rigl)
+        if revive.any():
+            delta.revived[n] = revive
+            delta.reset[n] = revive
+            delta.values[n] = np.zeros(int(revive.sum()), np.float32)
+            delta.pruned[n] = delta.pruned.get(n, np.zeros_like(mk)) | kill
 
 
 def prunable(m, roles) -> list[str]:
@@ -271,12 +317,14 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
                 if n in delta.reset:
                     w[delta.reset[n]] = delta.values[n]
                 after[n] = (np.where(mask, w, np.float32(0)).astype(np.float32), mask)
-            set_weights(lm, after)
+            set_weights(lm, {n: (fake_quantize(w, cfg.qlora, n), mk) for n, (w, mk) in after.items()} if cfg.qlora else after)
             hcfg = cfg.heal.for_wave(min(k, cfg.expected_waves), cfg.expected_waves)
             healed = heal(lm, touched, tokens, hcfg, progress=(lambda i, n_, k=k: progress(f"heal wave {k}", i, n_)) if progress else None) \
                 if hcfg.steps > 0 and touched else None
             if healed:
                 delta.lora = healed.lora
+            if cfg.rigl and run.state.phase == "prune":
+                regrow(lm, delta, after, tokens, cfg, usage, k)
             history.append(delta)
             state = history.state_at(k, m.tensor)
             set_weights(lm, state)
