@@ -87,3 +87,14 @@ def test_taper():
     c = HealConfig(steps=40, lr=2e-4)
     assert [c.for_wave(k, 5).steps for k in (1, 2, 5)] == [40, 32, 8]
     assert c.for_wave(3, 5).lr == pytest.approx(2e-4 * 0.6)
+
+
+def test_merge_factors_adds_the_deltas():
+    from birdbone.remodel.heal import merge_factors
+    from birdbone.remodel.history import lora_product
+
+    rng = np.random.default_rng(0)
+    f1 = (rng.standard_normal((8, 12)).astype(np.float32), rng.standard_normal((6, 8)).astype(np.float32), 2.0)
+    f2 = (rng.standard_normal((4, 12)).astype(np.float32), rng.standard_normal((6, 4)).astype(np.float32), 0.5)
+    np.testing.assert_allclose(lora_product(*merge_factors(f1, f2)), lora_product(*f1) + lora_product(*f2), rtol=1e-5, atol=1e-6)
+    assert merge_factors(None, f2) is f2

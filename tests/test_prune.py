@@ -37,6 +37,9 @@ def test_prune_export_and_revert_to_the_bit(tiny, tmp_path):
     assert waves[0]["wave"] == 0 and waves[0]["density"] == 1.0 and len(waves) >= 3
     assert all(b["density"] < a["density"] for a, b in zip(waves, waves[1:]))
     assert 0.79 <= r["density"] <= 0.83 and r["eval"]["kld_mean"] >= 0
+    # structural reinforcement measured every wave (2 layers), stressed layers healed more
+    assert all(len(w["layer_own_error"]) == 2 and len(w["layer_grad_norm"]) == 2 for w in waves[1:])
+    assert all(w["reinforce_steps"] == (1 if w["stressed_layers"] else 0) for w in waves[1:])
     # every prunable tensor has at least its mask's zeros; norms and embeddings untouched
     src = tensors(tiny.gguf_f32)
     with open_model(tmp_path / "p.gguf") as p:

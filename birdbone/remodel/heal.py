@@ -181,6 +181,30 @@ def dense_gradients(lm, names: list[str], x: np.ndarray, arch: str = "llama") ->
             layer.captured = None
 
 
+def hidden_states(lm, x: np.ndarray) -> list[np.ndarray]:
+    """The output of every decoder layer on tokens ``x`` (batch, seq), float32."""
+    with torch.no_grad():
+        out = lm(input_ids=torch.from_numpy(x), output_hidden_states=True)
+    return [h.float().numpy() for h in out.hidden_states[1:]]
+
+
+def own_errors(states: list[np.ndarray], reference: list[np.ndarray]) -> np.ndarray:
+    """Per layer, the relative output error it adds: e_i − e_{i−1} (≥ 0), with
+    e_i = ‖h_i − h_i⁰‖² / ‖h_i⁰‖² against the unpruned model's outputs h⁰ on the same tokens."""
+    e = np.array([float(((h - r) ** 2).sum() / max(float((r ** 2).sum()), 1e-30)) for h, r in zip(states, reference)])
+    return np.maximum(np.diff(e, prepend=0.0), 0.0)
+
+
+def merge_factors(first: tuple[np.ndarray, np.ndarray, float] | None, second: tuple[np.ndarray, np.ndarray, float]
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Two LoRA deltas of one weight as one: A stacked, B side by side with each scale folded in,
+    so B·A = s₁B₁A₁ + s₂B₂A₂ (scale 1)."""
+    if first is None:
+        return second
+    (a1, b1, s1), (a2, b2, s2) = first, second
+    return np.vstack([a1, a2]), np.hstack([np.float32(s1) * b1, np.float32(s2) * b2]).astype(np.float32), 1.0
+
+
 # -- healing --------------------------------------------------------------------------------------------
 def heal(lm, names: list[str], tokens: np.ndarray, cfg: HealConfig, parent_logits: Callable | None = None,
          arch: str = "llama", progress: Callable[[int, int], None] | None = None) -> HealResult:

@@ -42,7 +42,8 @@ from birdbone.io.config import config_dict
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import open_model, resolve_model_path
-from birdbone.remodel.heal import HealConfig, heal, set_weights
+from birdbone.io.runtime import LlamaRuntime
+from birdbone.remodel.heal import HealConfig, heal, hidden_states, set_weights, token_batches
 from birdbone.remodel.history import DeltaHistory, WaveDelta
 from birdbone.remodel.masks import MAX_WAVE, SCORES, check_wave, parse_granularity, score, wave
 
@@ -74,6 +75,10 @@ class PruneConfig:
     eval_tokens: int = 2048
     eval_ctx: int = 256
     calibration_tokens: int = 4096  # profiled for the wanda / usage / taylor scores
+    reinforce: bool = True  # extra healing for layers under stress (recorded for the precision budget)
+    stress_delta: float = 0.01  # δ: a layer is stressed when the output error it adds grew by more than this
+    stress_gamma: float = 2.0  # γ: ... or its gradient norm is above γ × the mean over layers
+    reinforce_share: float = 0.5  # extra steps for stressed layers, as a share of the wave's healing steps
     rigl: float = 0.0  # share of each row's pruned weights regrown per wave after healing (≤ 0.05; 0: off)
     qlora: str = ""  # heal against the base fake-quantized to this llama.cpp type (e.g. Q4_K); "": float
     seed: int = 0
@@ -193,6 +198,49 @@ def fake_quantize(w: np.ndarray, qtype: str, name: str) -> np.ndarray:
     return decode(q.data, TensorEntry(name, tuple(reversed(w.shape)), t))
 
 
+def layer_of(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+def reinforce(lm, delta: WaveDelta, after: dict, probe, run: Run, cfg: PruneConfig, hcfg: HealConfig,
+              tokens: np.ndarray, k: int) -> dict:
+    """Structural reinforcement after healing: find the layers under stress on the probe batch (the
+    output error a layer adds grew by more than δ since the last wave, or its gradient norm is above
+    γ × the mean) and heal their modules for ``reinforce_share`` more steps; their second LoRA delta
+    is merged into this wave's. Returns the metrics to record (the precision budget reads them)."""
+    from birdbone.remodel.heal import dense_gradients, merge_factors, own_errors
+    from birdbone.remodel.history import lora_product
+
+    x, reference = probe
+    healed = {}
+    for n, (w, mk) in after.items():
+        if n in delta.lora:
+            w = w + lora_product(*delta.lora[n])
+        healed[n] = (np.where(mk, w, np.float32(0)).astype(np.float32), mk)
+    set_weights(lm, healed)
+    own = own_errors(hidden_states(lm, x[:, :-1]), reference)
+    previous = run.metrics[-1].get("layer_own_error") if run.metrics else None
+    prev = np.asarray(previous) if previous is not None else np.zeros_like(own)
+    grads = dense_gradients(lm, list(healed), x)
+    norms = np.zeros(len(own))
+    for n, g in grads.items():
+        norms[layer_of(n)] += float((g[healed[n][1]] ** 2).sum())
+    norms = np.sqrt(norms)
+    stressed = sorted({int(i) for i in np.flatnonzero(own - prev > cfg.stress_delta)}
+                      | {int(i) for i in np.flatnonzero(norms > cfg.stress_gamma * norms.mean())})
+    extra = 0
+    if stressed and cfg.reinforce_share > 0:
+        names = [n for n in healed if layer_of(n) in stressed]
+        steps = max(1, math.ceil(cfg.reinforce_share * hcfg.steps))
+        extra_cfg = HealConfig(steps, hcfg.lr, hcfg.rank, hcfg.alpha, hcfg.batch, hcfg.seq, hcfg.kd_weight, hcfg.seed + 7919)
+        more = heal(lm, names, tokens, extra_cfg)
+        for n, factors in more.lora.items():
+            delta.lora[n] = merge_factors(delta.lora.get(n), factors)
+        extra = steps
+        log.info("wave %d: layers %s under stress; %d extra healing steps", k, stressed, steps)
+    return {"stressed_layers": stressed, "reinforce_steps": extra, "layer_own_error": own.tolist(), "layer_grad_norm": norms.tolist()}
+
+
 def regrow(lm, delta: WaveDelta, after: dict, tokens: np.ndarray, cfg: PruneConfig, usage, k: int) -> None:
     """RigL after healing: per row, regrow the pruned weights with the largest dense gradient (at 0)
     and prune as many of the weakest live ones; recorded in this wave's delta."""
@@ -271,12 +319,14 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
         run.drop_uncommitted(history)
         usage = _usage(run, cfg, progress) if cfg.score != "magnitude" else None
         lm = load_causal_lm(run.source)
-        from birdbone.io.runtime import LlamaRuntime
-
         with LlamaRuntime(run.source, n_ctx=64) as rt:
-            tokens = rt.tokenize((run.folder / "calibration.txt").read_text(encoding="utf-8"), add_special=False)
+            tokens, held = (rt.tokenize((run.folder / f).read_text(encoding="utf-8"), add_special=False)
+                            for f in ("calibration.txt", "heldout.txt"))
+        # the probe: fixed held-out tokens and the unpruned model's layer outputs on them
+        x = next(token_batches(held, cfg.heal.batch, cfg.heal.seq, cfg.seed))
+        set_weights(lm, history.state_at(0, m.tensor))
+        probe = (x, hidden_states(lm, x[:, :-1]))
         if run.state.waves == 0 and not run.metrics:
-            set_weights(lm, history.state_at(0, m.tensor))
             run.commit({"wave": 0, "phase": "start", "density": 1.0, **_evaluate(lm, run, cfg, progress), "seconds": 0.0})
         base_ppl = run.metrics[0]["ppl"]
         while run.state.phase != "done":
@@ -323,6 +373,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
                 if hcfg.steps > 0 and touched else None
             if healed:
                 delta.lora = healed.lora
+            stress = reinforce(lm, delta, after, probe, run, cfg, hcfg, tokens, k) if cfg.reinforce and healed else {}
             if cfg.rigl and run.state.phase == "prune":
                 regrow(lm, delta, after, tokens, cfg, usage, k)
             history.append(delta)
@@ -338,7 +389,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
             if run.state.phase == "rollback" and phase == "prune":
                 log.warning("stop-loss: Δppl %.2f%% > %.1f%% in %d consecutive waves; rolling back wave %d",
                             dppl, cfg.stop_loss.threshold_pct, run.state.breaches, k)
-            run.commit({"wave": k, "phase": phase, "density": n_live / n_all, "dppl_pct": dppl, "breach": breach, **metrics,
+            run.commit({"wave": k, "phase": phase, "density": n_live / n_all, "dppl_pct": dppl, "breach": breach, **metrics, **stress,
                         "heal_steps": len(healed.losses) if healed else 0, "heal_lr": hcfg.lr,
                         "heal_loss_first": healed.losses[0] if healed else None, "heal_loss_last": healed.losses[-1] if healed else None,
                         "heal_losses": healed.losses if healed else [],
