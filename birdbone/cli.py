@@ -563,6 +563,23 @@ def revert(
         out_console.print(f"wrote {res['out']} (wave {res['wave']}, density {res['density']:.3f}, {res['type']})")
 
 
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder made by birdbone prune."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="HTML file (default: RUN/report.html)."),
+    as_json: bool = JSON_OPT,
+):
+    """Render a prune run's healing curves (loss per step, ppl/KLD per wave, density per tensor) as HTML."""
+    from birdbone.remodel.report import read_metrics, write_report
+
+    path = write_report(run_dir, out)
+    if as_json:
+        emit_json({"out": str(path), "waves": read_metrics(run_dir)})
+        return
+    _print_run_tail(read_metrics(run_dir))
+    out_console.print(f"wrote {path} (TensorBoard: tensorboard --logdir {run_dir / 'tb'})")
+
+
 # -- generate / chat --------------------------------------------------------------------------
 @app.command()
 def generate(

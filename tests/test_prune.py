@@ -46,6 +46,11 @@ def test_prune_export_and_revert_to_the_bit(tiny, tmp_path):
         w = p.tensor("blk.0.ffn_up.weight")
         assert (w == 0).mean() >= 12 / 64  # rows of 64 keep ceil(0.8 · 64) = 52
         assert p.raw("blk.0.attn_norm.weight").tobytes() == src["blk.0.attn_norm.weight"]
+    # the report renders the healing curves; TensorBoard got one event file per wave
+    rep = json.loads(birdbone("report", run, "--json").stdout)
+    page = (run / "report.html").read_text()
+    assert len(rep["waves"]) == len(waves) and page.count("data:image/png;base64,") == 3 and "stressed layers" in page
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == len(waves)
     # wave 0 comes back bit for bit, whatever happened after it
     back = json.loads(birdbone("revert", run, "--to-wave", "0", "--type", "F32", "-o", tmp_path / "w0.gguf", "--json").stdout)
     assert back["density"] == 1.0 and tensors(tmp_path / "w0.gguf") == src

@@ -70,7 +70,7 @@ def write_fleet_csv(rows: Iterable[FleetRow], path: str | os.PathLike) -> None:
 # ---- HTML ---------------------------------------------------------------------------------------
 
 
-def _png(fig) -> str:
+def png_base64(fig) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     buf = io.BytesIO()
@@ -78,7 +78,7 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
+def figure(title: str, xlabel: str, ylabel: str):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.2), dpi=100, layout="constrained")
@@ -95,7 +95,7 @@ def _no_data(ax) -> None:
 
 
 def plot_theta(m: ModelMap) -> str:
-    fig, ax = _figure(f"θ ({m.theta_version}) by layer and role", "layer", "θ (degrees)")
+    fig, ax = figure(f"θ ({m.theta_version}) by layer and role", "layer", "θ (degrees)")
     cells = [a for a in m.by_layer_role() if a.theta_mean is not None]
     for role in ROLES:
         pts = [(a.layer, a.theta_mean) for a in cells if a.role == role]
@@ -108,7 +108,7 @@ def plot_theta(m: ModelMap) -> str:
         ax.legend(fontsize=8)
     else:
         _no_data(ax)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def representative(m: ModelMap, limit: int = MAX_CURVES) -> list[TensorMeasures]:
@@ -126,7 +126,7 @@ def representative(m: ModelMap, limit: int = MAX_CURVES) -> list[TensorMeasures]
 
 
 def plot_explained_variance(m: ModelMap) -> str:
-    fig, ax = _figure("Explained variance (representative tensors)", "k / number of singular values", "ExplainedVar[k]")
+    fig, ax = figure("Explained variance (representative tensors)", "k / number of singular values", "ExplainedVar[k]")
     picks = representative(m)
     for t in picks:
         ev = t.spectrum.explained_variance
@@ -139,11 +139,11 @@ def plot_explained_variance(m: ModelMap) -> str:
         ax.legend(fontsize=7)
     else:
         _no_data(ax)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_alpha(m: ModelMap) -> str:
-    fig, ax = _figure("Power-law exponent α of the eigenvalue spectrum, by layer", "layer", "α")
+    fig, ax = figure("Power-law exponent α of the eigenvalue spectrum, by layer", "layer", "α")
     organs = sorted({t.organ for t in m.tensors if t.alpha is not None and t.layer is not None})
     for organ in organs:
         pts = sorted((t.layer, t.alpha) for t in m.tensors if t.organ == organ and t.alpha is not None and t.layer is not None)
@@ -153,10 +153,10 @@ def plot_alpha(m: ModelMap) -> str:
         ax.legend(fontsize=7, ncol=2)
     else:
         _no_data(ax)
-    return _png(fig)
+    return png_base64(fig)
 
 
-def _fmt(v, digits: int = 3) -> str:
+def fmt_cell(v, digits: int = 3) -> str:
     if v is None:
         return "—"
     if isinstance(v, float):
@@ -164,15 +164,15 @@ def _fmt(v, digits: int = 3) -> str:
     return html.escape(str(v))
 
 
-def _table(head: Sequence[str], rows: Iterable[Sequence]) -> str:
+def html_table(head: Sequence[str], rows: Iterable[Sequence]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{fmt_cell(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _aggregate_table(aggs: Sequence[Aggregate], key: str) -> str:
     cols = [f.name for f in fields(Aggregate) if f.name not in ("role", "layer")]
-    return _table([key, *cols], ([getattr(a, key), *(getattr(a, c) for c in cols)] for a in aggs))
+    return html_table([key, *cols], ([getattr(a, key), *(getattr(a, c) for c in cols)] for a in aggs))
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:75em}table{border-collapse:collapse;font-size:12px;margin:1em 0}
@@ -189,19 +189,19 @@ def render_html(m: ModelMap, title: str | None = None) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(m.model)} · {html.escape(m.architecture)} · {m.n_params:,} parameters · {len(m.tensors)} tensors · "
-        f"θ mean {_fmt(o.theta_mean)}° (parameter-weighted {_fmt(o.theta_weighted)}°) · α mean {_fmt(o.alpha_mean)} · "
+        f"θ mean {fmt_cell(o.theta_mean)}° (parameter-weighted {fmt_cell(o.theta_weighted)}°) · α mean {fmt_cell(o.alpha_mean)} · "
         f"{html.escape(m.config.version)} / {html.escape(m.theta_version)} · measured in {m.seconds:.1f} s with {m.jobs} job(s)</p>",
         "<h2>Exact, approximate, skipped</h2>",
-        _table(["measure", "exact", "approximate", "skipped"], ([g, *status[g].values()] for g in GROUPS)),
+        html_table(["measure", "exact", "approximate", "skipped"], ([g, *status[g].values()] for g in GROUPS)),
         "<h2>By role</h2>", _aggregate_table(m.by_role(), "role"),
         f"<h2>θ</h2><img alt='theta by layer' src='data:image/png;base64,{plot_theta(m)}'>",
         f"<h2>Explained variance</h2><img alt='explained variance' src='data:image/png;base64,{plot_explained_variance(m)}'>",
         f"<h2>α</h2><img alt='alpha by layer' src='data:image/png;base64,{plot_alpha(m)}'>",
         "<h2>By layer</h2>", _aggregate_table(m.by_layer(), "layer"),
         f"<h2>Skipped measures ({len(skipped)} tensors)</h2>",
-        _table(["tensor", "measure", "reason"], ([n, g, r] for n, rs in skipped.items() for g, r in rs.items())),
+        html_table(["tensor", "measure", "reason"], ([n, g, r] for n, rs in skipped.items() for g, r in rs.items())),
         "<h2>Tensors</h2>",
-        _table(["tensor", "role", "layer", "type", "bits/weight", "θ", "entropy", "kurtosis", "coherence", "stable rank",
+        html_table(["tensor", "role", "layer", "type", "bits/weight", "θ", "entropy", "kurtosis", "coherence", "stable rank",
                 "effective rank", "rank99", "α", "spectrum"],
                ([t.name, t.role, t.layer, t.type, t.bits_per_weight, t.theta, t.distribution and t.distribution.entropy,
                  t.distribution and t.distribution.kurtosis, t.distribution and t.distribution.coherence,

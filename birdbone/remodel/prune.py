@@ -8,6 +8,7 @@ One run lives in a folder::
     usage/          the source model's profile (imatrix values, activation frequency, gradients)
     history/        DeltaHistory: one file per completed wave
     metrics.jsonl   one line per completed wave (wave 0 = the unpruned model)
+    tb/             the same as TensorBoard scalars (per wave, and the loss per healing step)
     state.json      waves done, phase, stop-loss counters
 
 Every wave starts from the weights the history replays, never from weights kept in memory, so an
@@ -163,9 +164,14 @@ class Run:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
     def commit(self, metrics: dict) -> None:
-        lines = [json.dumps(m) for m in self.metrics if m["wave"] < metrics["wave"]] + [json.dumps(metrics)]
-        write_text_atomic(self.folder / "metrics.jsonl", "\n".join(lines) + "\n")
+        from birdbone.remodel.report import log_wave
+
+        earlier = [m for m in self.metrics if m["wave"] < metrics["wave"]]
+        new_wave = len(earlier) == len(self.metrics)
+        write_text_atomic(self.folder / "metrics.jsonl", "\n".join(json.dumps(m) for m in [*earlier, metrics]) + "\n")
         write_text_atomic(self.folder / "state.json", json.dumps(self.state.as_dict(), indent=2))
+        if new_wave:
+            log_wave(self.folder, [*earlier, metrics])
 
     def drop_uncommitted(self, history: DeltaHistory) -> None:
         for k in range(self.state.waves + 1, history.n_waves + 1):
