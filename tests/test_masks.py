@@ -102,3 +102,12 @@ def test_rigl_swap_keeps_density_and_regrows_by_gradient():
             assert s[r, kill[r]].max() <= s[r, mask[r] & ~kill[r]].min()
     with pytest.raises(BirdboneError, match="outside \\[0, 0.05\\]"):
         rigl_swap(grad, s, mask, 0.2)
+
+
+@pytest.mark.parametrize("spec, target", [("row", 0.5), ("row", 0.7), ("2:4", 0.5)])
+def test_one_shot_matches_the_waves_endpoint(spec, target):
+    from birdbone.remodel.masks import one_shot
+
+    s = RNG.random((8, 64))
+    waved, _ = run_waves(s, target, spec)
+    np.testing.assert_array_equal(one_shot(s, target, parse_granularity(spec)), waved)

@@ -153,3 +153,22 @@ def rigl_swap(grad: np.ndarray, scores: np.ndarray, mask: np.ndarray, share: flo
     revive = _lowest_live(-np.abs(np.asarray(grad, dtype=np.float32)), dead, quota)
     kill = _lowest_live(np.asarray(scores), mask, revive.sum(axis=1))
     return revive, kill
+
+
+def one_shot(scores: np.ndarray, target_density: float, granularity: Granularity = Granularity("row")) -> np.ndarray:
+    """The mask a one-shot pruner (Wanda, SparseGPT-style) reaches in a single step: per row the
+    highest-scoring ``ceil(density · width)`` weights, or per N:M group its top N. The baseline the
+    waves are measured against."""
+    if not 0.0 < target_density <= 1.0:
+        raise BirdboneError(f"target density {target_density} is outside (0, 1]")
+    scores = np.asarray(scores)
+    rows, cols = scores.shape
+    full = np.ones(scores.shape, dtype=bool)
+    if granularity.kind == "row":
+        drop = np.full(rows, cols - math.ceil(target_density * cols - 1e-9), dtype=np.int64)
+        return ~_lowest_live(scores, full, drop)
+    n, m = granularity.n, granularity.m
+    if cols % m:
+        raise BirdboneError(f"{granularity} sparsity needs rows whose width is a multiple of {m}, got {cols}")
+    rank = np.argsort(np.argsort(-scores.reshape(rows, cols // m, m), axis=2, kind="stable"), axis=2, kind="stable")
+    return (rank < n).reshape(rows, cols)
