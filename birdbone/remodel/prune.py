@@ -282,7 +282,8 @@ def _usage(run: Run, cfg: PruneConfig, progress: Progress | None):
 
     folder = run.folder / "usage"
     if not (folder / "usage.safetensors").exists():
-        prof = profile(run.source, run.folder / "calibration.txt", cfg.calibration_tokens, min(512, cfg.eval_ctx * 2),
+        # windows of 512 as llama-imatrix uses, or shorter so that a small budget still gives two
+        prof = profile(run.source, run.folder / "calibration.txt", cfg.calibration_tokens, max(16, min(512, cfg.calibration_tokens // 2)),
                        gradients=cfg.score == "taylor", progress=progress)
         write_profile(prof, folder)
     return read_profile(folder)
