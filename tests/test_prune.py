@@ -167,5 +167,9 @@ def test_bad_requests(tiny, tiny_k, tmp_path):
         run_prune(tiny_k.gguf_f32, tmp_path / "run", cfg)
     with pytest.raises(InputError, match="another config"):
         run_prune(tiny.gguf_f32, tmp_path / "run", load_config(PruneConfig, None, ["target_density=0.8", "eval_tokens=512", "eval_ctx=64"]))
+    short = tmp_path / "short.txt"
+    short.write_text("To be or not to be.\n" * 20)
+    with pytest.raises(InputError, match="short.txt.*too short"):
+        run_prune(tiny.gguf_f32, tmp_path / "r3", cfg, short)
     p = birdbone("prune", tiny.gguf_f32, "--run-dir", tmp_path / "r2", "-o", tmp_path / "x.gguf", "--target-density", "0", check=False)
     assert p.returncode == 2 and "outside (0, 1]" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -329,6 +329,11 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
         with LlamaRuntime(run.source, n_ctx=64) as rt:
             tokens, held = (rt.tokenize((run.folder / f).read_text(encoding="utf-8"), add_special=False)
                             for f in ("calibration.txt", "heldout.txt"))
+        source_text = (run.folder / "text-source.txt").read_text(encoding="utf-8").strip()
+        for part, toks in (("calibration part", tokens), ("held-out tenth", held)):
+            need = max(cfg.heal.seq + 2, cfg.eval_ctx * 2 if part.startswith("held") else 0)
+            if len(toks) < need:
+                raise InputError(Path(source_text), f"too short: its {part} has {len(toks)} tokens, one batch needs {need}")
         # the probe: fixed held-out tokens and the unpruned model's layer outputs on them
         x = next(token_batches(held, cfg.heal.batch, cfg.heal.seq, cfg.seed))
         set_weights(lm, history.state_at(0, m.tensor))
