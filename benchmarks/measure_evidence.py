@@ -7,7 +7,7 @@ Perplexity and KLD are llama.cpp's, on the first ``--tokens`` tokens of wiki.tes
 
 1. **Sensitivity.** A fixed sample of block weights (every matrix of evenly spaced layers, at
    least 40 tensors; the float subject's output head too). For each tensor alone: (a) quantized
-   to Q2_K, or the type llama.cpp falls back to for its row width (IQ4_NL for rows of 576),
+   to Q2_K, or the type llama.cpp falls back to for its row width (Q4_0 for rows of 576),
    and (b) 50 % magnitude-pruned (the smallest |w| of the tensor set to 0); every other tensor
    untouched and the modified one stored back in the subject's float type. The response is
    KLD and Δppl. Spearman's ρ (bootstrap 95 % CI over tensors, 2,000 resamples) between the
