@@ -141,7 +141,7 @@ def markdown(result: dict) -> str:
         name = r["type"] + (" (reference only)" if r["reference_only"] else "")
         lines.append(f"| {name} | {r['bytes'] / 2**20:.1f} | {r['pct_of_f16_bytes']:.1f} | {r['bits_per_weight']:.2f} | {hist} | "
                      f"{r['ppl']:.3f} ± {r['ppl_stderr']:.3f} | {r['delta_ppl_pct']:+.2f} % | {f(r['kld_mean'], '.5f')} | {f(r['kld_p99'], '.4f')} | "
-                     f"{f(r['top1_agreement'] and 100 * r['top1_agreement'], '.1f')} | {f(r['canary_exact'] is not None and 100 * r['canary_exact'] or None, '.0f')} | "
+                     f"{f(r['top1_agreement'] and 100 * r['top1_agreement'], '.1f')} | {f(None if r['canary_exact'] is None else 100 * r['canary_exact'], '.0f')} | "
                      f"{f(r['prompt_tok_s'], '.0f')} | {f(r['decode_tok_s'], '.0f')} |")
     notes = "\n".join(f"- {n}" for n in result["notes"])
     return (f"Text: {result['text']}, first {result['tokens']} tokens, ctx {result['ctx']} (second half of each window scored).\n\n"
