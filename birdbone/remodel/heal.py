@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -225,7 +226,10 @@ def heal(lm, names: list[str], tokens: np.ndarray, cfg: HealConfig, parent_logit
     config._register_custom_module({MaskedLinear: MaskedLoraLinear})
     for p in lm.parameters():
         p.requires_grad_(False)
-    model = get_peft_model(lm, config)
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers method that transformers 5 renamed; harmless
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(lm, config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     result = HealResult()
