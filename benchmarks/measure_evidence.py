@@ -150,14 +150,11 @@ def measures_of(name: str, w: np.ndarray, imat: dict[str, np.ndarray]) -> dict:
 def quantize_roundtrip(w: np.ndarray, name: str) -> tuple[np.ndarray, str]:
     from gguf.constants import GGMLQuantizationType
 
-    from birdbone.anatomy.body import decode
-    from birdbone.io.gguf_layout import TensorEntry
     from birdbone.io.quantize import quantize_tensor
     from birdbone.io.types import legal_type
 
-    t = legal_type(GGMLQuantizationType.Q2_K, w.shape[-1])
-    q = quantize_tensor(w, t, name=name)
-    return decode(q.data, TensorEntry(name, tuple(reversed(w.shape)), t)), t.name
+    q = quantize_tensor(w, legal_type(GGMLQuantizationType.Q2_K, w.shape[-1]), name=name)
+    return q.dequantize(), q.type.name
 
 
 def magnitude_prune(w: np.ndarray, share: float = 0.5) -> np.ndarray:

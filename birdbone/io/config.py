@@ -10,6 +10,7 @@ plain data for a run folder's ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ T = TypeVar("T")
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         kinds = [a for a in args if a is not type(None)]

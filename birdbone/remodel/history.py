@@ -62,6 +62,32 @@ def lora_product(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
     return (float(scale) * (b.astype(np.float64) @ a.astype(np.float64))).astype(np.float32)
 
 
+Weights = tuple[np.ndarray, np.ndarray]  # (float32 weights, bool mask)
+
+
+def apply_wave(state: dict[str, Weights], d: WaveDelta) -> dict[str, Weights]:
+    """One wave on (accumulated weights, mask) per name, in the fixed order: LoRA delta, pruned,
+    revived, set values. The only place that order lives: replay and a running loop both use it,
+    so a resumed run and an uninterrupted one compute the same bits."""
+    out = {}
+    for n, (acc, mask) in state.items():
+        if n in d.lora:
+            acc = acc + lora_product(*d.lora[n])
+        if n in d.pruned:
+            mask = mask & ~d.pruned[n]
+        if n in d.revived:
+            mask = mask | d.revived[n]
+            acc = acc.copy()
+            acc[d.reset[n]] = d.values[n]
+        out[n] = (acc, mask)
+    return out
+
+
+def masked(state: dict[str, Weights]) -> dict[str, Weights]:
+    """The weights a model uses: accumulated values where the mask lives, exactly 0 elsewhere."""
+    return {n: (np.where(m, acc, np.float32(0.0)).astype(np.float32), m) for n, (acc, m) in state.items()}
+
+
 class DeltaHistory:
     """The waves of one run, in ``folder`` (``wave-0001.safetensors``, ...)."""
 
@@ -141,26 +167,20 @@ class DeltaHistory:
                                     float(f.get_tensor(f"{name}.lora_scale")[0]))
         return d
 
-    def state_at(self, k: int, base: Callable[[str], np.ndarray], names: list[str] | None = None
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """name -> (weights, mask) after wave ``k`` (0 = the original), replayed from the base weights
-        in the fixed order of the module docstring; each wave file is read once."""
+    def replay(self, k: int, base: Callable[[str], np.ndarray], names: list[str] | None = None) -> dict[str, Weights]:
+        """name -> (accumulated weights, mask) after wave ``k`` (0 = the original), replayed from the
+        base weights with :func:`apply_wave`; each wave file is read once."""
         if not 0 <= k <= self.n_waves:
             raise BirdboneError(f"wave {k}: this run has waves 0-{self.n_waves}")
         names = list(self.shapes) if names is None else names
-        acc = {n: np.array(base(n), dtype=np.float32, copy=True) for n in names}
-        mask = {n: np.ones(self.shapes[n], dtype=bool) for n in names}
+        state = {n: (np.array(base(n), dtype=np.float32, copy=True), np.ones(self.shapes[n], dtype=bool)) for n in names}
         for j in range(1, k + 1):
-            d = self.load(j)
-            for n in names:
-                if n in d.lora:
-                    acc[n] = acc[n] + lora_product(*d.lora[n])
-                if n in d.pruned:
-                    mask[n] &= ~d.pruned[n]
-                if n in d.revived:
-                    mask[n] |= d.revived[n]
-                    acc[n][d.reset[n]] = d.values[n]
-        return {n: (np.where(mask[n], acc[n], np.float32(0.0)).astype(np.float32), mask[n]) for n in names}
+            state = apply_wave(state, self.load(j))
+        return state
+
+    def state_at(self, k: int, base: Callable[[str], np.ndarray], names: list[str] | None = None) -> dict[str, Weights]:
+        """name -> (weights, mask) after wave ``k``: the replay with pruned weights exactly 0."""
+        return masked(self.replay(k, base, names))
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("wave-*.safetensors"))

@@ -11,8 +11,9 @@ One run lives in a folder::
     tb/             the same as TensorBoard scalars (per wave, and the loss per healing step)
     state.json      waves done, phase, stop-loss counters
 
-Every wave starts from the weights the history replays, never from weights kept in memory, so an
-uninterrupted run and one resumed after ``kill -9`` compute the same bytes. A wave is committed
+The weights are carried from wave to wave by :func:`~birdbone.remodel.history.apply_wave`, the
+same step a replay of the history takes, so an uninterrupted run and one resumed after
+``kill -9`` (which replays the committed waves once) compute the same bytes. A wave is committed
 by writing its history file, then metrics and state (each atomically); files of a wave that was
 not committed are dropped on resume.
 
@@ -45,7 +46,7 @@ from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import open_model, resolve_model_path
 from birdbone.io.runtime import LlamaRuntime
 from birdbone.remodel.heal import HealConfig, heal, hidden_states, set_weights, token_batches
-from birdbone.remodel.history import DeltaHistory, WaveDelta
+from birdbone.remodel.history import DeltaHistory, WaveDelta, apply_wave, masked
 from birdbone.remodel.masks import MAX_WAVE, SCORES, check_wave, parse_granularity, score, wave
 
 log = logging.getLogger(__name__)
@@ -194,35 +195,26 @@ def advance(st: RunState, k: int, breach: bool, rule: StopLoss) -> None:
 
 def fake_quantize(w: np.ndarray, qtype: str, name: str) -> np.ndarray:
     """What the export will store: w quantized to ``qtype`` (llama.cpp's width fallback) and back."""
-    from birdbone.anatomy.body import decode
-    from birdbone.io.gguf_layout import TensorEntry
     from birdbone.io.quantize import quantize_tensor
     from birdbone.io.types import legal_type, tensor_type
 
-    t = legal_type(tensor_type(qtype), w.shape[-1])
-    q = quantize_tensor(w, t, name=name)
-    return decode(q.data, TensorEntry(name, tuple(reversed(w.shape)), t))
+    return quantize_tensor(w, legal_type(tensor_type(qtype), w.shape[-1]), name=name).dequantize()
 
 
 def layer_of(name: str) -> int:
     return int(name.split(".")[1])
 
 
-def reinforce(lm, delta: WaveDelta, after: dict, probe, run: Run, cfg: PruneConfig, hcfg: HealConfig,
+def reinforce(lm, delta: WaveDelta, state: dict, probe, run: Run, cfg: PruneConfig, hcfg: HealConfig,
               tokens: np.ndarray, k: int) -> dict:
     """Structural reinforcement after healing: find the layers under stress on the probe batch (the
     output error a layer adds grew by more than δ since the last wave, or its gradient norm is above
     γ × the mean) and heal their modules for ``reinforce_share`` more steps; their second LoRA delta
     is merged into this wave's. Returns the metrics to record (the precision budget reads them)."""
     from birdbone.remodel.heal import dense_gradients, merge_factors, own_errors
-    from birdbone.remodel.history import lora_product
 
     x, reference = probe
-    healed = {}
-    for n, (w, mk) in after.items():
-        if n in delta.lora:
-            w = w + lora_product(*delta.lora[n])
-        healed[n] = (np.where(mk, w, np.float32(0)).astype(np.float32), mk)
+    healed = masked(apply_wave(state, delta))
     set_weights(lm, healed)
     own = own_errors(hidden_states(lm, x[:, :-1]), reference)
     previous = run.metrics[-1].get("layer_own_error") if run.metrics else None
@@ -247,18 +239,13 @@ def reinforce(lm, delta: WaveDelta, after: dict, probe, run: Run, cfg: PruneConf
     return {"stressed_layers": stressed, "reinforce_steps": extra, "layer_own_error": own.tolist(), "layer_grad_norm": norms.tolist()}
 
 
-def regrow(lm, delta: WaveDelta, after: dict, tokens: np.ndarray, cfg: PruneConfig, usage, k: int) -> None:
+def regrow(lm, delta: WaveDelta, state: dict, tokens: np.ndarray, cfg: PruneConfig, usage, k: int) -> None:
     """RigL after healing: per row, regrow the pruned weights with the largest dense gradient (at 0)
     and prune as many of the weakest live ones; recorded in this wave's delta."""
     from birdbone.remodel.heal import dense_gradients, token_batches
-    from birdbone.remodel.history import lora_product
     from birdbone.remodel.masks import rigl_swap
 
-    healed = {}
-    for n, (w, mk) in after.items():
-        if n in delta.lora:
-            w = w + lora_product(*delta.lora[n])
-        healed[n] = (np.where(mk, w, np.float32(0)).astype(np.float32), mk)
+    healed = masked(apply_wave(state, delta))
     set_weights(lm, healed)
     batch = next(token_batches(tokens, cfg.heal.batch, cfg.heal.seq, cfg.seed + 10_000 + k))
     grads = dense_gradients(lm, list(healed), batch)
@@ -341,10 +328,11 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
         if run.state.waves == 0 and not run.metrics:
             run.commit({"wave": 0, "phase": "start", "density": 1.0, **_evaluate(lm, run, cfg, progress), "seconds": 0.0})
         base_ppl = run.metrics[0]["ppl"]
+        state = history.replay(run.state.waves, m.tensor)  # then carried wave by wave, as a replay would
         while run.state.phase != "done":
             k = run.state.waves + 1
             t0 = time.time()
-            current = history.state_at(k - 1, m.tensor)
+            current = masked(state)
             delta = WaveDelta()
             if run.state.phase == "prune":
                 for n in names:
@@ -371,29 +359,23 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
                     back = back.reshape(gone.shape)
                     delta.revived[n], delta.reset[n], delta.values[n] = back, back, base_w[back]
             touched = sorted(set(delta.pruned) | set(delta.revived))
-            after = {}
-            for n in names:
-                w, mask = current[n]
-                mask = (mask & ~delta.pruned.get(n, False)) | delta.revived.get(n, False)
-                w = w.copy()
-                if n in delta.reset:
-                    w[delta.reset[n]] = delta.values[n]
-                after[n] = (np.where(mask, w, np.float32(0)).astype(np.float32), mask)
+            after = masked(apply_wave(state, delta))  # pruned and given back, not healed yet
             set_weights(lm, {n: (fake_quantize(w, cfg.qlora, n), mk) for n, (w, mk) in after.items()} if cfg.qlora else after)
             hcfg = cfg.heal.for_wave(min(k, cfg.expected_waves), cfg.expected_waves)
             healed = heal(lm, touched, tokens, hcfg, progress=(lambda i, n_, k=k: progress(f"heal wave {k}", i, n_)) if progress else None) \
                 if hcfg.steps > 0 and touched else None
             if healed:
                 delta.lora = healed.lora
-            stress = reinforce(lm, delta, after, probe, run, cfg, hcfg, tokens, k) if cfg.reinforce and healed else {}
+            stress = reinforce(lm, delta, state, probe, run, cfg, hcfg, tokens, k) if cfg.reinforce and healed else {}
             if cfg.rigl and run.state.phase == "prune":
-                regrow(lm, delta, after, tokens, cfg, usage, k)
+                regrow(lm, delta, state, tokens, cfg, usage, k)
             history.append(delta)
-            state = history.state_at(k, m.tensor)
-            set_weights(lm, state)
+            state = apply_wave(state, delta)
+            weights = masked(state)
+            set_weights(lm, weights)
             metrics = _evaluate(lm, run, cfg, progress)
-            n_live = sum(int(mk.sum()) for _, mk in state.values())
-            n_all = sum(mk.size for _, mk in state.values())
+            n_live = sum(int(mk.sum()) for _, mk in weights.values())
+            n_all = sum(mk.size for _, mk in weights.values())
             dppl = 100.0 * (metrics["ppl"] / base_ppl - 1.0)
             breach = dppl > cfg.stop_loss.threshold_pct
             phase = run.state.phase
@@ -405,7 +387,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
                         "heal_steps": len(healed.losses) if healed else 0, "heal_lr": hcfg.lr,
                         "heal_loss_first": healed.losses[0] if healed else None, "heal_loss_last": healed.losses[-1] if healed else None,
                         "heal_losses": healed.losses if healed else [],
-                        "tensor_density": {n: float(state[n][1].mean()) for n in names}, "seconds": round(time.time() - t0, 1)})
+                        "tensor_density": {n: float(weights[n][1].mean()) for n in names}, "seconds": round(time.time() - t0, 1)})
             log.info("wave %d (%s): density %.3f, ppl %.3f (%+.2f%%), KLD %.4f", k, phase, n_live / n_all, metrics["ppl"], dppl,
                      metrics["kld"] or float("nan"))
     return run

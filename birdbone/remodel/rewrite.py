@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from gguf.constants import GGUFValueType
 
-from birdbone.anatomy.body import Body, copy_layout, decode, set_kvs
+from birdbone.anatomy.body import Body, copy_layout, set_kvs
 from birdbone.io.atomic import check_output
 from birdbone.io.errors import BirdboneError
 from birdbone.io.gguf_layout import write_layout
@@ -68,7 +68,7 @@ def rewrite_tensors(body: Body, out: str | Path, names: list[str], transform: Tr
         before = body.tensor(name)
         q = quantize_tensor(transform(name, before), entries[name].type, name=name)
         if observe is not None:
-            observe(name, before, decode(q.data, entries[name]))
+            observe(name, before, q.dequantize())
         done += 1
         if progress:
             progress(done, len(names))
