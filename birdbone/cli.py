@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -162,16 +163,25 @@ def quantize(
     tensor_type: List[str] = typer.Option([], "--tensor-type", help="Per-tensor override REGEX=TYPE, e.g. 'ffn_down=Q6_K' (repeatable; first match wins)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp GGUF format or legacy .dat)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only report the types and sizes llama.cpp would write."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="A precision plan from birdbone budget: one type per tensor (quantizes the model's float form; "
+                                                             "uses the plan's importance matrix unless --imatrix)."),
     evaluate_after: bool = typer.Option(False, "--eval", help="Evaluate the output against the input's F16 form (or the input) and print the table."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text for --eval (default: the built-in Shakespeare excerpt)."),
     ctx: int = typer.Option(512, "--ctx", help="Context for --eval."),
     tokens: int = typer.Option(4096, "--tokens", help="Tokens of text scored by --eval."),
     as_json: bool = JSON_OPT,
 ):
-    """Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize)."""
+    """Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize), by a file mix or by a plan."""
     from birdbone.io.quantize import quantize_file
 
-    res = quantize_file(model, out, type_, tensor_type, imatrix, dry_run=dry_run, threads=G.threads or 0)
+    if plan is not None:
+        from birdbone.remodel.budget import apply_plan, read_plan
+
+        if tensor_type or dry_run or out is None:
+            raise BirdboneError("--plan sets every tensor's type and writes a file: give -o/--out, and no --tensor-type or --dry-run")
+        res = apply_plan(model, read_plan(plan), out, imatrix, threads=G.threads or 0)
+    else:
+        res = quantize_file(model, out, type_, tensor_type, imatrix, dry_run=dry_run, threads=G.threads or 0)
     report = {
         "out": str(res.out) if res.out else None, "file_type": res.file_type, "dry_run": res.dry_run,
         "file_bytes": res.file_bytes, "tensor_bytes": res.tensor_bytes, "bits_per_weight": res.bits_per_weight,
@@ -186,7 +196,8 @@ def quantize(
         emit_json(report)
         return
     verb = "would write" if dry_run else "wrote"
-    out_console.print(f"{verb} {res.out or '(dry run)'}: {res.file_type}, {mib(res.file_bytes)} MiB, {res.bits_per_weight:.2f} bits per weight")
+    mix = f"plan {plan.name}" if plan is not None else res.file_type
+    out_console.print(f"{verb} {res.out or '(dry run)'}: {mix}, {mib(res.file_bytes)} MiB, {res.bits_per_weight:.2f} bits per weight")
     out_console.print("types llama.cpp " + ("would write" if dry_run else "wrote") + ": " + ", ".join(f"{k}×{v}" for k, v in res.type_histogram().items()))
     if res.fallbacks:
         out_console.print(f"[yellow]{len(res.fallbacks)} tensor(s) fell back to another type[/yellow]: their row width is not a multiple of "
@@ -578,6 +589,68 @@ def report(
         return
     _print_run_tail(read_metrics(run_dir))
     out_console.print(f"wrote {path} (TensorBoard: tensorboard --logdir {run_dir / 'tb'})")
+
+
+# -- budget -----------------------------------------------------------------------------------
+@app.command()
+def budget(
+    model: str = MODEL_ARG,
+    usage: Optional[Path] = typer.Option(None, "--usage", help="Usage profile folder from birdbone profile (its imatrix.gguf is used to quantize)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Cap: bits per weight over all parameters."),
+    target_bytes: Optional[str] = typer.Option(None, "--target-bytes", help="Cap: file bytes, or a llama.cpp mix (e.g. Q4_K_M) whose size with the same importance matrix to match."),
+    method: Optional[str] = typer.Option(None, "--method", help="usage (the bird-bone schedule, default) or greedy (sensitivity per byte)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text for the gradient screen and exact checks; its end is held out (default: the built-in Shakespeare excerpt)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Plan JSON to write."),
+    plan_in: Optional[Path] = typer.Option(None, "--plan", help="Show (or --emit) an existing plan instead of making one."),
+    emit: Optional[str] = typer.Option(None, "--emit", help="llama-quantize: print the equivalent llama.cpp command line."),
+    config: Optional[Path] = CONFIG_OPT,
+    sets: List[str] = SET_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Plan one llama.cpp type per tensor under a byte cap, from measured usage and stress.
+
+    Every tensor starts at 8 bits; rounds of a rising usage threshold drop the least-used to the
+    4-bit base; tensors whose held-out loss suffers alone in their type (or with large gradients)
+    get 4 more bits; then the least-used are lowered until the cap holds. --method greedy spends the
+    bytes by first-order sensitivity per byte instead. Apply with: birdbone quantize --plan PLAN -o OUT.
+
+    Config keys: method, types, exclude, base, p_init, rounds, alpha_first, alpha_last, fill,
+    stress.{delta,gamma,boost_bits,check_top}, sensitivity.{passes,seq,val_tokens,val_ctx,seed}.
+    """
+    from birdbone.io.config import load_config
+    from birdbone.remodel.budget import BudgetConfig, build_plan, llama_quantize_command, read_plan, write_plan
+
+    if emit not in (None, "llama-quantize"):
+        raise BirdboneError(f"--emit {emit!r}: the one known form is llama-quantize")
+    if plan_in is not None:
+        plan = read_plan(plan_in)
+    else:
+        if usage is None:
+            raise BirdboneError("--usage DIR is needed (make one with: birdbone profile MODEL --text FILE -o DIR)")
+        cfg = load_config(BudgetConfig, config, [*([f"method={method}"] if method else []), *sets])
+        with progress_bar() as cb:
+            plan = build_plan(model, usage, text, cfg, target_bpw, target_bytes, cb)
+        if out is not None:
+            write_plan(plan, out)
+    if emit:
+        print(llama_quantize_command(plan))
+        return
+    if as_json:
+        emit_json({**plan.as_dict(), "out": str(out) if out else None})
+        return
+    table = Table("tensor", "type", "bits", "usage", "screen", "exact", "why (last step)", box=None,
+                  title=f"{plan.method} plan: {plan.bits_per_weight:.3f} bits per weight, {mib(plan.header_bytes + plan.tensor_bytes)} MiB (cap: {plan.target})")
+    for n, t in plan.types.items():
+        d = plan.detail[n]
+        table.add_row(n + (" [bold]▲[/bold]" if d.get("fortress") else ""), t, f"{8 * d['bytes'] / max(1, math.prod(d['shape'])):.2f}",
+                      fmt(d.get("usage"), ".3f"), fmt(d.get("screen"), ".2e"), fmt(None if d.get("exact") is None else 100 * d["exact"], "+.2f", "%"),
+                      (d.get("reasons") or [""])[-1])
+    out_console.print(table)
+    out_console.print("types: " + ", ".join(f"{k}×{v}" for k, v in plan.histogram().items()) + "  (▲ fortress: stressed, given more bits)")
+    for note in plan.notes:
+        out_console.print(f"[dim]{note}[/dim]")
+    if out:
+        out_console.print(f"wrote {out}; apply with: birdbone quantize {plan.model} --plan {out} -o OUT.gguf")
 
 
 # -- generate / chat --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from birdbone.cli import app
 
-VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft", "measure", "profile", "purify", "prune", "revert", "report"]
+VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft", "measure", "profile", "purify", "prune", "revert", "report", "budget"]
 runner = CliRunner()
 
 
@@ -32,7 +32,7 @@ def test_every_verb_has_help(verb):
     assert "Usage" in r.output and len(r.output) > 200
     if verb != "chat":
         assert "--json" in r.output
-    if verb in ("quantize", "convert", "dissect", "assemble", "graft", "profile", "purify", "prune", "revert"):
+    if verb in ("quantize", "convert", "dissect", "assemble", "graft", "profile", "purify", "prune", "revert", "budget"):
         assert "--out" in r.output
 
 

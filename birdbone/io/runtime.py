@@ -199,7 +199,8 @@ class LlamaRuntime:
     def speed(self, n_prompt: int = 256, n_decode: int = 64, seed: int = 0) -> dict:
         """Prompt processing and decode throughput in tokens/s (random tokens, as llama-bench does)."""
         rng = np.random.default_rng(seed)
-        n_prompt = min(n_prompt, self.n_ctx - n_decode - 1)
+        n_decode = min(n_decode, self.n_ctx // 2)  # a short context is shared between prompt and decode
+        n_prompt = max(8, min(n_prompt, self.n_ctx - n_decode - 1))
         toks = rng.integers(0, self.n_vocab, size=n_prompt)
         self.reset()
         self.decode(toks[:8], "last")  # warm-up
