@@ -403,75 +403,112 @@ def mix_bytes(source: Path, mix: str, imatrix: str | Path | None) -> int:
     return quantize_file(source, None, mix, imatrix=imatrix, dry_run=True).file_bytes
 
 
+@dataclass
+class Planner:
+    """Everything a plan needs, measured once: the float source, its ladders, usage and sensitivity.
+    :meth:`plan` then plans any cap with either method (a benchmark plans many from one measurement)."""
+
+    model: str
+    source: Path
+    source_sha256: str
+    imatrix: Path | None
+    cfg: BudgetConfig
+    shapes: dict[str, tuple[int, ...]]
+    exclude: set[str]
+    scores: dict[str, float | None]
+    fixed_bytes: int
+    header_bytes: int
+    n_params: int
+    sens: Sensitivity
+    notes: list[str]
+
+    @classmethod
+    def open(cls, model: str | Path, usage_dir: str | Path, text: str | Path | None, cfg: BudgetConfig,
+             progress: Progress | None = None) -> "Planner":
+        from birdbone.io.hashing import file_sha256
+        from birdbone.io.model_file import open_model
+        from birdbone.io.runtime import LlamaRuntime
+        from birdbone.io.text import load_text
+        from birdbone.io.types import canonical
+        from birdbone.measure.usage import read_profile
+        from birdbone.remodel.sensitivity import measure_sensitivity
+
+        usage = read_profile(usage_dir)
+        imatrix = Path(usage_dir) / "imatrix.gguf"
+        source, grid = plan_source(model, progress)
+        exclude = {canonical(e) for e in cfg.exclude if e != "auto"} | ({grid} if grid and "auto" in cfg.exclude else set())
+        with open_model(source) as m:
+            names = planned_names(m)
+            shapes = {n: m.tensors[n].shape for n in names}
+            fixed = sum(t.n_bytes for n, t in m.tensors.items() if n not in shapes)
+            header, n_params = m.file_bytes - m.tensor_bytes, m.n_params
+        strangers = sorted(set(usage.in_sum2) - set(shapes))
+        if strangers:
+            raise InputError(usage_dir, f"profile names tensors the model lacks (e.g. {strangers[0]}); it was made for another model")
+        for n in usage.in_sum2:
+            if usage.in_sum2[n].shape[-1] != shapes[n][-1]:
+                raise InputError(usage_dir, f"profile's {n} has {usage.in_sum2[n].shape[-1]} channels, the model's has {shapes[n][-1]}: "
+                                            "it was made for another model")
+        empty = [n for n in names if not options_for(shapes[n], cfg.types, exclude)]
+        if empty:
+            raise BirdboneError(f"{empty[0]}: no type on the ladder is legal for its row width {shapes[empty[0]][-1]}")
+        text_body, text_name = load_text(text)
+        with LlamaRuntime(source, n_ctx=64) as rt:
+            tokens = rt.tokenize(text_body, add_special=False)
+        importance = {n: (usage.importance(n) if n in usage.in_sum2 else None) for n in names}
+        sens = measure_sensitivity(source, tokens, names, importance, cfg.sensitivity, progress)
+        notes = [f"sensitivity text: {text_name} ({len(tokens):,} tokens; the last {cfg.sensitivity.val_tokens} held out for exact checks)"]
+        if grid and "auto" in cfg.exclude:
+            notes.append(f"{grid} excluded: the input is stored in {grid}, so its F16 form sits on that grid and {grid} would be lossless by construction")
+        narrow = sorted({shapes[n][-1] for n in names if shapes[n][-1] % 256})
+        if narrow:
+            notes.append(f"row widths {', '.join(map(str, narrow))} are not multiples of 256: those tensors cannot take K-quants (32-block types only)")
+        return cls(str(model), source, file_sha256(source), imatrix if imatrix.exists() else None, cfg, shapes, exclude,
+                   usage_scores(usage, names), fixed, header, n_params, sens, notes)
+
+    def cap(self, target_bpw: float | None = None, target_bytes: int | str | None = None) -> tuple[int, str]:
+        """The cap on planned tensors' bytes, and the target in words; ``target_bytes`` may name a mix."""
+        from birdbone.io.types import canonical
+
+        if isinstance(target_bytes, str) and target_bytes.strip().isdigit():
+            target_bytes = int(target_bytes)
+        if isinstance(target_bytes, str):
+            mix = canonical(target_bytes)
+            target_bytes = mix_bytes(self.source, mix, self.imatrix)
+            words = f"the size of llama.cpp's {mix} with the same importance matrix ({target_bytes:,} bytes)"
+        else:
+            words = f"{target_bpw:g} bits per weight" if target_bpw is not None else f"{target_bytes:,} bytes"
+        cap = cap_bytes(target_bpw, target_bytes, self.n_params, self.header_bytes, len(self.shapes) + 1) - self.fixed_bytes
+        return cap, words
+
+    def plan(self, target_bpw: float | None = None, target_bytes: int | str | None = None, method: str | None = None,
+             progress: Progress | None = None) -> Plan:
+        from dataclasses import replace
+
+        from birdbone.io.config import config_dict
+
+        method = method or self.cfg.method
+        cfg = replace(self.cfg, method=method)
+        cap, words = self.cap(target_bpw, target_bytes)
+        ladders = {n: Ladder(n, shape, options_for(shape, cfg.types, self.exclude), self.scores[n]) for n, shape in self.shapes.items()}
+        if method == "usage":
+            plan_usage(ladders, cap, cfg, self.sens, progress)
+        else:
+            plan_greedy(ladders, cap, self.sens, progress)
+        detail = {n: {"bytes": l.option.nbytes, "shape": list(l.shape), "usage": l.usage, "fortress": l.fortress, "reasons": l.reasons,
+                      "screen": l.screen, "exact": l.exact} for n, l in ladders.items()}
+        return Plan(self.model, str(self.source), self.source_sha256, str(self.imatrix) if self.imatrix else None, method, cap, words,
+                    self.fixed_bytes, self.header_bytes, self.n_params, sorted(self.exclude), {n: l.option.type for n, l in ladders.items()},
+                    detail, config_dict(cfg), list(self.notes))
+
+
 def build_plan(model: str | Path, usage_dir: str | Path, text: str | Path | None, cfg: BudgetConfig,
                target_bpw: float | None = None, target_bytes: int | str | None = None,
                progress: Progress | None = None) -> Plan:
-    """Measure and plan: ``target_bytes`` may name a llama.cpp mix (``Q4_K_M``) to match its size."""
-    from birdbone.io.hashing import file_sha256
-    from birdbone.io.model_file import open_model
-    from birdbone.io.runtime import LlamaRuntime
-    from birdbone.io.text import load_text
-    from birdbone.io.types import canonical
-    from birdbone.measure.usage import read_profile
-    from birdbone.remodel.sensitivity import measure_sensitivity
-
-    usage = read_profile(usage_dir)
-    imatrix = Path(usage_dir) / "imatrix.gguf"
-    source, grid = plan_source(model, progress)
-    exclude = {canonical(e) for e in cfg.exclude if e != "auto"} | ({grid} if grid and "auto" in cfg.exclude else set())
-    target = "?"
-    if isinstance(target_bytes, str):
-        if target_bytes.strip().isdigit():
-            target_bytes = int(target_bytes)
-        else:
-            mix = canonical(target_bytes)
-            target_bytes = mix_bytes(source, mix, imatrix)
-            target = f"the size of llama.cpp's {mix} with the same importance matrix ({target_bytes:,} bytes)"
-    with open_model(source) as m:
-        names = planned_names(m)
-        shapes = {n: m.tensors[n].shape for n in names}
-        fixed = sum(t.n_bytes for n, t in m.tensors.items() if n not in shapes)
-        header = m.file_bytes - m.tensor_bytes
-        n_params = m.n_params
-    strangers = sorted(set(usage.in_sum2) - set(shapes))
-    if strangers:
-        raise InputError(usage_dir, f"profile names tensors the model lacks (e.g. {strangers[0]}); it was made for another model")
-    for n in usage.in_sum2:
-        if usage.in_sum2[n].shape[-1] != shapes[n][-1]:
-            raise InputError(usage_dir, f"profile's {n} has {usage.in_sum2[n].shape[-1]} channels, the model's has {shapes[n][-1]}: "
-                                        "it was made for another model")
-    cap = cap_bytes(target_bpw, target_bytes, n_params, header, len(shapes) + 1) - fixed
-    if target == "?":
-        target = f"{target_bpw:g} bits per weight" if target_bpw is not None else f"{target_bytes:,} bytes"
-    scores = usage_scores(usage, names)
-    ladders = {n: Ladder(n, shapes[n], options_for(shapes[n], cfg.types, exclude), scores[n]) for n in names}
-    empty = [n for n, l in ladders.items() if not l.options]
-    if empty:
-        raise BirdboneError(f"{empty[0]}: no type on the ladder is legal for its row width {shapes[empty[0]][-1]}")
-
-    text_body, text_name = load_text(text)
-    with LlamaRuntime(source, n_ctx=64) as rt:
-        tokens = rt.tokenize(text_body, add_special=False)
-    importance = {n: (usage.importance(n) if n in usage.in_sum2 else None) for n in names}
-    sens = measure_sensitivity(source, tokens, names, importance, cfg.sensitivity, progress)
-    if cfg.method == "usage":
-        plan_usage(ladders, cap, cfg, sens, progress)
-    else:
-        plan_greedy(ladders, cap, sens, progress)
-
-    from birdbone.io.config import config_dict
-
-    notes = [f"sensitivity text: {text_name} ({len(tokens):,} tokens; the last {cfg.sensitivity.val_tokens} held out for exact checks)"]
-    if grid and "auto" in cfg.exclude:
-        notes.append(f"{grid} excluded: the input is stored in {grid}, so its F16 form sits on that grid and {grid} would be lossless by construction")
-    narrow = sorted({shapes[n][-1] for n in names if shapes[n][-1] % 256})
-    if narrow:
-        notes.append(f"row widths {', '.join(map(str, narrow))} are not multiples of 256: those tensors cannot take K-quants (32-block types only)")
-    detail = {n: {"bytes": l.option.nbytes, "shape": list(l.shape), "usage": l.usage, "fortress": l.fortress, "reasons": l.reasons,
-                  "screen": l.screen, "exact": l.exact} for n, l in ladders.items()}
-    return Plan(str(model), str(source), file_sha256(source), str(imatrix) if imatrix.exists() else None, cfg.method, cap,
-                target, fixed, header, n_params, sorted(exclude), {n: l.option.type for n, l in ladders.items()}, detail,
-                config_dict(cfg), notes)
+    """Measure and plan once: ``target_bytes`` may name a llama.cpp mix (``Q4_K_M``) to match its size."""
+    if (target_bpw is None) == (target_bytes is None):
+        raise BirdboneError("give exactly one of --target-bpw and --target-bytes")
+    return Planner.open(model, usage_dir, text, cfg, progress).plan(target_bpw, target_bytes, progress=progress)
 
 
 def apply_plan(model: str | Path, plan: Plan, out: str | Path, imatrix: str | Path | None = None, threads: int = 0):

@@ -1,0 +1,182 @@
+"""Precision plans against llama.cpp's own mixes at equal bytes, given the same importance matrix.
+
+Per subject (the built-in model's F16 form, and the float subject from make_float_model.py):
+
+* llama.cpp's Q3_K_M, Q4_K_M, Q5_K_M, without and with birdbone's importance matrix (``birdbone
+  profile`` of the F16 file on ../shared/data/wikitext-2-tok/valid.txt);
+* birdbone plans capped at the byte size of each mix *with* the imatrix (so ≤ its bytes), both
+  planners: ``usage`` (the bird-bone schedule with stress fortresses) and ``greedy`` (first-order
+  sensitivity per byte), fitted on the same valid.txt, quantized with the same imatrix.
+
+Every file is scored by llama.cpp on the first ``--tokens`` tokens of wiki.test.raw (ctx 512):
+ppl, Δppl vs the F16 parent, KLD, top-1 agreement, decode tok/s. Healing passes (QLoRA) are not
+part of this run.
+
+    python benchmarks/budget_frontier.py [--subjects builtin,float] [--mixes Q3_K_M,Q4_K_M,Q5_K_M] [--tokens 8192]
+
+Writes benchmarks/results/budget_frontier.{json,md,png}; files go to results/work/budget/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = REPO.parent / "shared" / "data"
+WORK = HERE / "results" / "work" / "budget"
+OUT = HERE / "results" / "budget_frontier"
+FLOAT_SUBJECT = HERE / "results" / "work" / "float-subject-f16.gguf"
+log = logging.getLogger("budget_frontier")
+
+
+def subject_file(name: str) -> Path:
+    from birdbone.evaluate.compare import f16_form
+
+    if name == "builtin":
+        return f16_form("builtin")
+    if not FLOAT_SUBJECT.exists():
+        raise SystemExit(f"{FLOAT_SUBJECT} is missing: run python benchmarks/make_float_model.py first (about an hour)")
+    return FLOAT_SUBJECT
+
+
+def score(path: Path, parent: Path, args) -> dict:
+    from birdbone.evaluate.compare import EvalConfig, evaluate
+
+    r = evaluate(path, parent, DATA / "wikitext-2-raw" / "wiki.test.raw",
+                 EvalConfig(ctx=512, tokens=args.tokens, decode=32, canary_tokens=0, threads=args.threads))
+    return {"bytes": r.model.file_bytes, "pct_of_f16": r.pct_of_parent_bytes, "bpw": r.model.bits_per_weight,
+            "ppl": r.model.ppl.ppl, "dppl_pct": r.delta_ppl_pct, "kld": r.kld["kld_mean"], "top1": r.kld["top1_agreement"],
+            "decode_tok_s": r.model.speed.get("decode_tok_s"), "parent_ppl": r.parent.ppl.ppl}
+
+
+def histogram(path: Path) -> dict[str, int]:
+    from collections import Counter
+
+    from birdbone.io.model_file import open_model
+
+    with open_model(path) as m:
+        return dict(Counter(t.type for t in m.tensors.values() if len(t.shape) >= 2).most_common())
+
+
+def run_subject(name: str, args) -> dict:
+    from birdbone.io.config import load_config
+    from birdbone.io.quantize import quantize_file
+    from birdbone.measure import profile, write_profile
+    from birdbone.remodel.budget import BudgetConfig, Planner, apply_plan, write_plan
+
+    parent = subject_file(name)
+    work = WORK / name
+    work.mkdir(parents=True, exist_ok=True)
+    calib = DATA / "wikitext-2-tok" / "valid.txt"
+    usage = work / "usage"
+    t0 = time.time()
+    write_profile(profile(parent, calib, args.calibration_tokens, 512), usage)
+    imatrix = usage / "imatrix.gguf"
+    profile_s = time.time() - t0
+    t0 = time.time()
+    planner = Planner.open(parent, usage, calib, load_config(BudgetConfig, None, args.set))
+    measure_s = time.time() - t0
+    log.info("%s: profile %.0f s, sensitivity %.0f s", name, profile_s, measure_s)
+    rows = []
+    for mix in args.mixes.split(","):
+        for with_imatrix in (False, True):
+            path = work / f"{mix}{'-imatrix' if with_imatrix else ''}.gguf"
+            quantize_file(parent, path, mix, imatrix=imatrix if with_imatrix else None, threads=args.threads)
+            rows.append({"kind": "llama.cpp", "label": f"{mix}{' + imatrix' if with_imatrix else ''}", "mix": mix, "imatrix": with_imatrix,
+                         "types": histogram(path), **score(path, parent, args)})
+            log.info("%s %s: %.2f MiB ppl %.3f KLD %.4f", name, rows[-1]["label"], rows[-1]["bytes"] / 2**20, rows[-1]["ppl"], rows[-1]["kld"])
+            if with_imatrix:
+                cap_bytes = rows[-1]["bytes"]
+            path.unlink()
+        for method in ("usage", "greedy"):
+            t0 = time.time()
+            plan = planner.plan(target_bytes=cap_bytes, method=method)
+            plan_s = time.time() - t0
+            write_plan(plan, work / f"plan-{method}-{mix}.json")
+            path = work / f"plan-{method}-{mix}.gguf"
+            apply_plan(parent, plan, path, threads=args.threads)
+            rows.append({"kind": f"birdbone {method}", "label": f"{method} plan ≤ {mix} + imatrix", "mix": mix, "imatrix": True,
+                         "types": histogram(path), "plan_seconds": round(plan_s, 1), "fortresses": sum(d["fortress"] for d in plan.detail.values()),
+                         **score(path, parent, args)})
+            log.info("%s %s: %.2f MiB ppl %.3f KLD %.4f", name, rows[-1]["label"], rows[-1]["bytes"] / 2**20, rows[-1]["ppl"], rows[-1]["kld"])
+            path.unlink()
+    return {"file": parent.name, "profile_seconds": round(profile_s, 1), "sensitivity_seconds": round(measure_s, 1),
+            "notes": planner.notes, "rows": rows}
+
+
+def markdown(res: dict) -> str:
+    out = [f"`{res['command']}` · wiki.test.raw first {res['args']['tokens']} tokens, ctx 512, llama.cpp · plans and imatrix fitted on "
+           "wikitext-2 valid.txt", ""]
+    for name, sub in res["subjects"].items():
+        out += [f"### {name} ({sub['file']})", "",
+                f"Profile {sub['profile_seconds']:.0f} s, sensitivity (Fisher screen, held-out slice) {sub['sensitivity_seconds']:.0f} s. "
+                + " ".join(sub["notes"][1:]), "",
+                "| file | bytes | % of F16 | bpw | types | ppl | Δppl | KLD | top-1 | decode tok/s |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in sub["rows"]:
+            types = ", ".join(f"{k}×{v}" for k, v in r["types"].items())
+            out.append(f"| {r['label']} | {r['bytes']:,} | {r['pct_of_f16']:.1f} | {r['bpw']:.2f} | {types} | {r['ppl']:.3f} | {r['dppl_pct']:+.2f} % | "
+                       f"{r['kld']:.4f} | {100 * r['top1']:.1f} % | {r['decode_tok_s']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subs = list(res["subjects"].items())
+    fig, axes = plt.subplots(1, len(subs), figsize=(6 * len(subs), 4.2), squeeze=False)
+    styles = {("llama.cpp", False): ("grey", "o-", "llama.cpp mixes"), ("llama.cpp", True): ("C0", "o-", "llama.cpp mixes + imatrix"),
+              ("birdbone usage", True): ("C1", "s", "birdbone usage plan"), ("birdbone greedy", True): ("C2", "^", "birdbone greedy plan")}
+    for ax, (name, sub) in zip(axes[0], subs):
+        for (kind, imat), (color, marker, label) in styles.items():
+            pts = sorted((r["bytes"] / 2**20, r["ppl"]) for r in sub["rows"] if r["kind"] == kind and r["imatrix"] == imat)
+            if pts:
+                ax.plot(*zip(*pts), marker, color=color, label=label, ms=6)
+        ax.axhline(sub["rows"][0]["parent_ppl"], color="black", lw=0.8, ls=":", label="F16 parent")
+        ax.set_xlabel("file size (MiB)")
+        ax.set_ylabel("perplexity, wiki.test.raw")
+        ax.set_title(f"{name}: plans vs llama.cpp at equal bytes")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", default="builtin,float")
+    ap.add_argument("--mixes", default="Q3_K_M,Q4_K_M,Q5_K_M")
+    ap.add_argument("--tokens", type=int, default=8192, help="wiki.test.raw tokens llama.cpp scores per file")
+    ap.add_argument("--calibration-tokens", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], help="budget config key=value (as birdbone budget --set)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("birdbone.llama", "gguf", "birdbone.evaluate", "birdbone.io.quantize"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    sys.path.insert(0, str(REPO))
+    res = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else {}
+    res.update({"command": "python benchmarks/budget_frontier.py " + " ".join(sys.argv[1:]), "args": vars(args),
+                "machine": {"python": platform.python_version(), "cpu_count": len(__import__("os").sched_getaffinity(0))}})
+    res.setdefault("subjects", {})
+    for name in args.subjects.split(","):
+        res["subjects"][name] = run_subject(name, args)
+        OUT.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        OUT.with_suffix(".md").write_text(markdown(res))
+        plot(res, OUT.with_suffix(".png"))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
