@@ -158,7 +158,7 @@ def main() -> int:
     ap.add_argument("--mixes", default="Q3_K_M,Q4_K_M,Q5_K_M")
     ap.add_argument("--tokens", type=int, default=8192, help="wiki.test.raw tokens llama.cpp scores per file")
     ap.add_argument("--calibration-tokens", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="budget config key=value (as birdbone budget --set)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -653,6 +653,86 @@ def budget(
         out_console.print(f"wrote {out}; apply with: birdbone quantize {plan.model} --plan {out} -o OUT.gguf")
 
 
+# -- scaffold ---------------------------------------------------------------------------------
+@app.command()
+def scaffold(
+    model: str = MODEL_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Output GGUF: scaffold, kept residual and healing merged into dense weights."),
+    usage: Optional[Path] = typer.Option(None, "--usage", help="Usage profile folder (activation norms); default: profile the text now."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text to heal on; its end is held out for the stop-loss (default: the built-in Shakespeare excerpt)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to scaffold, e.g. 0-3,10 (default: all)."),
+    out_type: str = typer.Option("F16", "--type", help="Export type (F16, F32, or a llama.cpp file type such as Q4_K_M)."),
+    evaluate_after: bool = typer.Option(False, "--eval", help="Score the output in llama.cpp against the float parent, beside the unscaffolded model in the same type."),
+    config: Optional[Path] = CONFIG_OPT,
+    sets: List[str] = SET_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Rebuild matrices rank by rank from their top (activation-aware) singular triplets, keep only
+    the large residual, micro-heal one synergy bundle per step, and merge back into dense weights.
+
+    Config keys: rank, keep (rms|quantile), c, quantile, activation_aware, roles, stop_loss_pct,
+    max_halvings, bundles, val_tokens, val_ctx, seed, heal.{steps,lr,rank,alpha,batch,seq}.
+    """
+    from gguf.constants import GGUFValueType
+
+    from birdbone.anatomy.selection import parse_layers
+    from birdbone.io.config import config_dict, load_config
+    from birdbone.io.model_file import open_model
+    from birdbone.io.quantize import quantize_file
+    from birdbone.io.runtime import LlamaRuntime
+    from birdbone.io.text import load_text
+    from birdbone.remodel.budget import plan_source
+    from birdbone.remodel.rewrite import export_weights
+    from birdbone.remodel.scaffold import ScaffoldConfig, run_scaffold
+
+    cfg = load_config(ScaffoldConfig, config, sets)
+    with progress_bar() as cb:
+        source, _ = plan_source(model, cb)
+        if usage is not None:
+            from birdbone.measure.usage import read_profile
+
+            prof = read_profile(usage)
+        elif cfg.activation_aware:
+            from birdbone.measure import profile as make_profile
+
+            prof = make_profile(source, text, 4096, 512, progress=cb)
+        else:
+            prof = None
+        body, _ = load_text(text)
+        with LlamaRuntime(source, n_ctx=64) as rt:
+            tokens = rt.tokenize(body, add_special=False)
+        with open_model(source) as m:
+            n_layers = int(m.meta(f"{m.architecture}.block_count", 0) or 0)
+        res = run_scaffold(source, prof, tokens, cfg, parse_layers(layers, n_layers), cb)
+        with open_model(source) as m:
+            export_weights(m, out, res.weights, out_type, {"birdbone.scaffold.rank": (cfg.rank, GGUFValueType.UINT32, None)},
+                           progress=(lambda i, n: cb("export", i, n)) if cb else None)
+    report = {"out": str(out), "type": out_type, "source": str(source), "config": config_dict(cfg), "steps": res.steps,
+              "tensors": res.tensors, "seconds": res.seconds}
+    evaluations = []
+    if evaluate_after:
+        evaluations.append(("scaffolded", _run_eval(str(out), str(source), None, 512, 4096, 0, 0)))
+        if out_type.upper() not in ("F16", "F32"):
+            plain = out.with_name(out.stem + ".plain.gguf")
+            quantize_file(source, plain, out_type)
+            evaluations.append((f"plain {out_type}", _run_eval(str(plain), str(source), None, 512, 4096, 0, 0)))
+            plain.unlink()
+        report["eval"] = {label: e.as_dict() for label, e in evaluations}
+    if as_json:
+        emit_json(report)
+        return
+    table = Table("step = rank", "threshold ×", "residual kept", "explained", "held-out loss", "after healing", "bundle", box=None,
+                  title="scaffold steps (torch, held-out text)")
+    for st in res.steps:
+        table.add_row(str(st["step"]), f"{st['threshold_scale']:g}", f"{100 * st['mean_residual_kept']:.1f} %",
+                      f"{100 * st['mean_explained']:.1f} %", f"{st['loss_rise_pct']:+.2f} %", f"{st['after_heal_pct']:+.2f} %", str(st["bundle"]))
+    out_console.print(table)
+    out_console.print(f"wrote {out} ({out_type}); {len(res.tensors)} matrices, {res.seconds:.0f} s")
+    for label, e in evaluations:
+        out_console.print(f"[bold]{label}[/bold]")
+        print_eval(e)
+
+
 # -- generate / chat --------------------------------------------------------------------------
 @app.command()
 def generate(

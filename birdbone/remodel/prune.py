@@ -398,8 +398,7 @@ def export(run_dir: str | Path, out: str | Path, wave_k: int | None = None, out_
     """Write the model after wave ``wave_k`` (default: the last) as a GGUF; checks the zeros."""
     from gguf.constants import GGUFValueType
 
-    from birdbone.bridge.to_gguf import write_like
-    from birdbone.io.quantize import quantize_file
+    from birdbone.remodel.rewrite import export_weights
 
     folder = Path(run_dir)
     cfg_path = folder / "config.json"
@@ -418,21 +417,15 @@ def export(run_dir: str | Path, out: str | Path, wave_k: int | None = None, out_
         if not 0 <= k <= state["waves"]:
             raise BirdboneError(f"wave {k}: this run has committed waves 0-{state['waves']}")
         weights = history.state_at(k, m.tensor)
-        float_type = out_type.upper() if out_type.upper() in ("F16", "F32") else "F32"
-        target = out if float_type == out_type.upper() else out.with_name(out.name + ".f32.tmp")
-        tensors = {n: (lambda n=n: m.tensor(n)) for n in m.tensors}
-        tensors.update({n: w for n, (w, _) in weights.items()})
         meta = {"birdbone.prune.wave": (k, GGUFValueType.UINT32, None),
                 "birdbone.prune.source_sha256": (config["source"]["sha256"], GGUFValueType.STRING, None)}
-        write_like(m, target, tensors, float_type, metadata_updates=meta, progress=progress)
-    zeros_ok = True
-    with open_model(target) as o:
-        for n, (_, mask) in weights.items():
-            zeros_ok &= int((o.tensor(n) == 0).sum()) >= int((~mask).sum())
-    if target != out:
-        quantize_file(target, out, out_type)
-        target.unlink()
-    if not zeros_ok:
-        raise BirdboneError(f"{out}: a pruned weight is not zero in the written file")
+
+        def count_zeros(path: Path) -> None:
+            with open_model(path) as o:
+                for n, (_, mask) in weights.items():
+                    if int((o.tensor(n) == 0).sum()) < int((~mask).sum()):
+                        raise BirdboneError(f"{out}: a pruned weight of {n} is not zero in the written file")
+
+        export_weights(m, out, {n: w for n, (w, _) in weights.items()}, out_type, meta, count_zeros, progress)
     density = sum(int(mk.sum()) for _, mk in weights.values()) / max(1, sum(mk.size for _, mk in weights.values()))
     return {"out": str(out), "wave": k, "type": out_type, "density": density}

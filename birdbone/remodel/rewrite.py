@@ -79,3 +79,28 @@ def rewrite_tensors(body: Body, out: str | Path, names: list[str], transform: Tr
 
     write_layout(out, layout, chunks_of)
     return types
+
+
+def export_weights(m, out: str | Path, weights: dict[str, np.ndarray], out_type: str = "F16", metadata: dict | None = None,
+                   check: Callable[[Path], None] | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``m`` with ``weights`` (GGUF name -> float array) replacing its tensors, as F16/F32 or
+    any llama.cpp file type (written as F32 first, then quantized by llama.cpp). ``check(path)``
+    sees the float file before it is quantized (a prune run counts its zeros there)."""
+    from birdbone.bridge.to_gguf import write_like
+    from birdbone.io.quantize import quantize_file
+
+    out = Path(out)
+    float_type = out_type.upper() if out_type.upper() in ("F16", "F32") else "F32"
+    target = out if float_type == out_type.upper() else out.with_name(out.name + ".f32.tmp")
+    tensors: dict = {n: (lambda n=n: m.tensor(n)) for n in m.tensors}
+    tensors.update(weights)
+    try:
+        write_like(m, target, tensors, float_type, metadata_updates=metadata, progress=progress)
+        if check:
+            check(target)
+        if target != out:
+            quantize_file(target, out, out_type)
+    finally:
+        if target != out:
+            target.unlink(missing_ok=True)
+    return out

@@ -76,7 +76,7 @@ class Sensitivity:
             saved = param.data.clone()
             try:
                 param.data = _from_gguf_rows(self.lm, name, self.quantized(name, type_name), self.arch, saved)
-                self._exact[key] = _loss(self.lm, self.val) / self.base_loss - 1.0
+                self._exact[key] = held_out_loss(self.lm, self.val) / self.base_loss - 1.0
             finally:
                 param.data = saved
         return self._exact[key]
@@ -103,7 +103,8 @@ def _from_gguf_rows(lm, name: str, w: np.ndarray, arch: str, like):
     return torch.from_numpy(np.ascontiguousarray(to_hf_rows(lm, name, w, arch))).to(like.dtype)
 
 
-def _loss(lm, windows: np.ndarray) -> float:
+def held_out_loss(lm, windows: np.ndarray) -> float:
+    """Mean next-token loss of a torch model over (n, ctx + 1) token windows."""
     import torch
     import torch.nn.functional as F
 
@@ -114,6 +115,18 @@ def _loss(lm, windows: np.ndarray) -> float:
             logits = lm(input_ids=t[:, :-1]).logits.float()
             total += float(F.cross_entropy(logits[0], t[0, 1:]))
     return total / len(windows)
+
+
+def held_out_split(tokens: np.ndarray, val_tokens: int, val_ctx: int, min_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """The text's tokens less the last ``val_tokens``, and those as (n, val_ctx + 1) windows."""
+    if len(tokens) < val_tokens + min_train:
+        raise BirdboneError(f"the text has {len(tokens)} tokens; at least {val_tokens + min_train} are needed "
+                            f"({val_tokens} held out, {min_train} to train on)")
+    train, held = tokens[:-val_tokens], tokens[-val_tokens:]
+    n_val = len(held) // (val_ctx + 1)
+    if n_val < 1:
+        raise BirdboneError(f"{val_tokens} held-out tokens make no window of {val_ctx + 1}")
+    return train, held[: n_val * (val_ctx + 1)].reshape(n_val, val_ctx + 1).astype(np.int64)
 
 
 def measure_sensitivity(source, tokens: np.ndarray, names: list[str], importance: dict[str, np.ndarray | None],
@@ -127,12 +140,7 @@ def measure_sensitivity(source, tokens: np.ndarray, names: list[str], importance
     from birdbone.io.model_file import open_model
     from birdbone.remodel.heal import to_gguf_rows, token_batches
 
-    if len(tokens) < cfg.val_tokens + cfg.seq + 2:
-        raise BirdboneError(f"the text has {len(tokens)} tokens; the budget needs at least {cfg.val_tokens + cfg.seq + 2} "
-                            f"({cfg.val_tokens} held out for the exact check, one window of {cfg.seq + 1} for gradients)")
-    train, held = tokens[: -cfg.val_tokens], tokens[-cfg.val_tokens:]
-    n_val = len(held) // (cfg.val_ctx + 1)
-    val = held[: n_val * (cfg.val_ctx + 1)].reshape(n_val, cfg.val_ctx + 1).astype(np.int64)
+    train, val = held_out_split(tokens, cfg.val_tokens, cfg.val_ctx, cfg.seq + 2)
 
     with open_model(source) as m:
         arch = m.architecture
@@ -163,5 +171,5 @@ def measure_sensitivity(source, tokens: np.ndarray, names: list[str], importance
         params[n].grad = None
         params[n].requires_grad_(False)
     fisher_np = {n: to_gguf_rows(lm, n, (f / cfg.passes).numpy(), arch) for n, f in fisher.items()}
-    base = _loss(lm, val)
+    base = held_out_loss(lm, val)
     return Sensitivity(lm, arch, base, val, fisher_np, weights, dict(importance))
