@@ -9,8 +9,13 @@ Per subject (the built-in model's F16 form, and the float subject from make_floa
   sensitivity per byte), fitted on the same valid.txt, quantized with the same imatrix.
 
 Every file is scored by llama.cpp on the first ``--tokens`` tokens of wiki.test.raw (ctx 512):
-ppl, Δppl vs the F16 parent, KLD, top-1 agreement, decode tok/s. Healing passes (QLoRA) are not
-part of this run.
+ppl, Δppl vs the F16 parent, KLD, top-1 agreement, decode tok/s. With ``--heal-steps`` > 0, each
+imatrix mix and each plan is also healed once, QLoRA-style: masked LoRA on the linear layers trained
+on valid.txt against the base fake-quantized to that file's own per-tensor types, merged into the
+float weights, quantized again with the same mix or plan.
+
+One more row per subject measures the low-rank scaffold (``birdbone scaffold``, default config)
+at ``--scaffold-mix``: scaffolded, then quantized with the same mix and imatrix as the plain row.
 
     python benchmarks/budget_frontier.py [--subjects builtin,float] [--mixes Q3_K_M,Q4_K_M,Q5_K_M] [--tokens 8192]
 
@@ -65,6 +70,52 @@ def histogram(path: Path) -> dict[str, int]:
         return dict(Counter(t.type for t in m.tensors.values() if len(t.shape) >= 2).most_common())
 
 
+def written_types(path: Path) -> dict[str, str]:
+    from birdbone.io.model_file import open_model
+
+    with open_model(path) as m:
+        return {n: t.type for n, t in m.tensors.items() if len(t.shape) >= 2}
+
+
+def healed_source(parent: Path, planner, tokens, types: dict[str, str], args) -> Path:
+    """The parent with one QLoRA-style healing pass against these types merged in, as F32."""
+    from birdbone.io.model_file import open_model
+    from birdbone.remodel.budget import heal_quantized
+    from birdbone.remodel.heal import HealConfig
+    from birdbone.remodel.rewrite import export_weights
+
+    imp = {n: v for n, v in planner.sens.importance.items() if v is not None}
+    merged = heal_quantized(parent, types, tokens, HealConfig(steps=args.heal_steps, seed=args.seed), imp)
+    out = WORK / "healed-f32.gguf"
+    with open_model(parent) as m:
+        export_weights(m, out, merged, "F32")
+    return out
+
+
+def scaffold_row(parent: Path, usage_dir: Path, tokens, imatrix: Path, work: Path, args) -> dict:
+    """The scaffold's value at one export type: scaffolded (default config) then the same mix and imatrix."""
+    from birdbone.io.config import load_config
+    from birdbone.io.model_file import open_model
+    from birdbone.io.quantize import quantize_file
+    from birdbone.measure.usage import read_profile
+    from birdbone.remodel.rewrite import export_weights
+    from birdbone.remodel.scaffold import ScaffoldConfig, run_scaffold
+
+    cfg = load_config(ScaffoldConfig, None, [f"seed={args.seed}"])
+    res = run_scaffold(parent, read_profile(usage_dir), tokens, cfg)
+    f32 = work / "scaffold-f32.gguf"
+    with open_model(parent) as m:
+        export_weights(m, f32, res.weights, "F32")
+    path = work / f"scaffold-{args.scaffold_mix}.gguf"
+    quantize_file(f32, path, args.scaffold_mix, imatrix=imatrix, threads=args.threads)
+    row = {"kind": "scaffold", "label": f"scaffold (rank {cfg.rank}) → {args.scaffold_mix} + imatrix", "mix": args.scaffold_mix, "imatrix": True,
+           "types": histogram(path), "scaffold_steps": res.steps, "scaffold_seconds": round(res.seconds, 1),
+           "mean_explained": float(sum(t["explained"] for t in res.tensors.values()) / len(res.tensors)), **score(path, parent, args)}
+    path.unlink()
+    f32.unlink()
+    return row
+
+
 def run_subject(name: str, args) -> dict:
     from birdbone.io.config import load_config
     from birdbone.io.quantize import quantize_file
@@ -84,6 +135,7 @@ def run_subject(name: str, args) -> dict:
     planner = Planner.open(parent, usage, calib, load_config(BudgetConfig, None, args.set))
     measure_s = time.time() - t0
     log.info("%s: profile %.0f s, sensitivity %.0f s", name, profile_s, measure_s)
+    tokens = healing_tokens(parent, calib)
     rows = []
     for mix in args.mixes.split(","):
         for with_imatrix in (False, True):
@@ -94,6 +146,14 @@ def run_subject(name: str, args) -> dict:
             log.info("%s %s: %.2f MiB ppl %.3f KLD %.4f", name, rows[-1]["label"], rows[-1]["bytes"] / 2**20, rows[-1]["ppl"], rows[-1]["kld"])
             if with_imatrix:
                 cap_bytes = rows[-1]["bytes"]
+                if args.heal_steps:
+                    healed = healed_source(parent, planner, tokens, written_types(path), args)
+                    hpath = work / f"{mix}-imatrix-healed.gguf"
+                    quantize_file(healed, hpath, mix, imatrix=imatrix, threads=args.threads)
+                    rows.append({**rows[-1], "kind": "llama.cpp healed", "label": f"{mix} + imatrix + healing", "healed": True,
+                                 **score(hpath, parent, args)})
+                    log.info("%s %s: ppl %.3f KLD %.4f", name, rows[-1]["label"], rows[-1]["ppl"], rows[-1]["kld"])
+                    hpath.unlink()
             path.unlink()
         for method in ("usage", "greedy"):
             t0 = time.time()
@@ -106,9 +166,25 @@ def run_subject(name: str, args) -> dict:
                          "types": histogram(path), "plan_seconds": round(plan_s, 1), "fortresses": sum(d["fortress"] for d in plan.detail.values()),
                          **score(path, parent, args)})
             log.info("%s %s: %.2f MiB ppl %.3f KLD %.4f", name, rows[-1]["label"], rows[-1]["bytes"] / 2**20, rows[-1]["ppl"], rows[-1]["kld"])
+            if args.heal_steps:
+                healed = healed_source(parent, planner, tokens, plan.types, args)
+                apply_plan(healed, plan, path, threads=args.threads)
+                rows.append({**rows[-1], "kind": f"birdbone {method} healed", "label": f"{method} plan + healing", "healed": True,
+                             **score(path, parent, args)})
+                log.info("%s %s: ppl %.3f KLD %.4f", name, rows[-1]["label"], rows[-1]["ppl"], rows[-1]["kld"])
             path.unlink()
+    if args.scaffold_mix:
+        rows.append(scaffold_row(parent, usage, tokens, imatrix, work, args))
+        log.info("%s %s: ppl %.3f KLD %.4f", name, rows[-1]["label"], rows[-1]["ppl"], rows[-1]["kld"])
     return {"file": parent.name, "profile_seconds": round(profile_s, 1), "sensitivity_seconds": round(measure_s, 1),
             "notes": planner.notes, "rows": rows}
+
+
+def healing_tokens(parent: Path, calib: Path):
+    from birdbone.io.runtime import LlamaRuntime
+
+    with LlamaRuntime(parent, n_ctx=64) as rt:
+        return rt.tokenize(calib.read_text(encoding="utf-8"), add_special=False)
 
 
 def markdown(res: dict) -> str:
@@ -136,7 +212,10 @@ def plot(res: dict, path: Path) -> None:
     subs = list(res["subjects"].items())
     fig, axes = plt.subplots(1, len(subs), figsize=(6 * len(subs), 4.2), squeeze=False)
     styles = {("llama.cpp", False): ("grey", "o-", "llama.cpp mixes"), ("llama.cpp", True): ("C0", "o-", "llama.cpp mixes + imatrix"),
-              ("birdbone usage", True): ("C1", "s", "birdbone usage plan"), ("birdbone greedy", True): ("C2", "^", "birdbone greedy plan")}
+              ("birdbone usage", True): ("C1", "s", "birdbone usage plan"), ("birdbone greedy", True): ("C2", "^", "birdbone greedy plan"),
+              ("llama.cpp healed", True): ("C0", "x", "llama.cpp + imatrix, healed"), ("birdbone usage healed", True): ("C1", "x", "usage plan, healed"),
+              ("birdbone greedy healed", True): ("C2", "+", "greedy plan, healed"),
+              ("scaffold", True): ("C3", "D", "scaffold + imatrix mix")}
     for ax, (name, sub) in zip(axes[0], subs):
         for (kind, imat), (color, marker, label) in styles.items():
             pts = sorted((r["bytes"] / 2**20, r["ppl"]) for r in sub["rows"] if r["kind"] == kind and r["imatrix"] == imat)
@@ -159,21 +238,26 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=8192, help="wiki.test.raw tokens llama.cpp scores per file")
     ap.add_argument("--calibration-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heal-steps", type=int, default=20, help="steps of the QLoRA-style healing pass (0: no healed rows)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scaffold-mix", default="Q4_K_M", help="export type for the with/without-scaffold row ('' : no scaffold row)")
     ap.add_argument("--set", action="append", default=[], help="budget config key=value (as birdbone budget --set)")
+    ap.add_argument("--out", default=str(OUT), help="results prefix (.json, .md, .png)")
     args = ap.parse_args()
+    out = Path(args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("birdbone.llama", "gguf", "birdbone.evaluate", "birdbone.io.quantize"):
+    for noisy in ("birdbone.llama", "gguf", "birdbone.evaluate", "birdbone.io.quantize", "birdbone.remodel.budget"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     sys.path.insert(0, str(REPO))
-    res = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else {}
+    res = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     res.update({"command": "python benchmarks/budget_frontier.py " + " ".join(sys.argv[1:]), "args": vars(args),
                 "machine": {"python": platform.python_version(), "cpu_count": len(__import__("os").sched_getaffinity(0))}})
     res.setdefault("subjects", {})
     for name in args.subjects.split(","):
         res["subjects"][name] = run_subject(name, args)
-        OUT.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-        OUT.with_suffix(".md").write_text(markdown(res))
-        plot(res, OUT.with_suffix(".png"))
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        out.with_suffix(".md").write_text(markdown(res))
+        plot(res, out.with_suffix(".png"))
     print(markdown(res))
     return 0
 

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.remodel.sensitivity import Sensitivity, SensitivityConfig
 
@@ -509,6 +511,31 @@ def build_plan(model: str | Path, usage_dir: str | Path, text: str | Path | None
     if (target_bpw is None) == (target_bytes is None):
         raise BirdboneError("give exactly one of --target-bpw and --target-bytes")
     return Planner.open(model, usage_dir, text, cfg, progress).plan(target_bpw, target_bytes, progress=progress)
+
+
+def heal_quantized(source: str | Path, types: dict[str, str], tokens, cfg, importance: dict[str, np.ndarray] | None = None,
+                   roles: tuple[str, ...] = ("skeleton", "organ"), progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """A QLoRA-style healing pass for any per-tensor typing (a plan, or the types a llama.cpp mix
+    writes): masked LoRA on the linear layers is trained against the base fake-quantized to each
+    tensor's type (with its imatrix row), then merged into the float weights, which the caller
+    quantizes with the same types again. Returns the merged weights (GGUF names and rows)."""
+    from birdbone.bridge import load_causal_lm
+    from birdbone.io.model_file import open_model
+    from birdbone.remodel.heal import heal, set_weights
+    from birdbone.remodel.history import lora_product
+    from birdbone.remodel.prune import fake_quantize, prunable
+
+    importance = importance or {}
+    with open_model(source) as m:
+        arch = m.architecture
+        names = [n for n in prunable(m, roles) if n in types]
+        weights = {n: m.tensor(n).astype(np.float32) for n in names}
+    lm = load_causal_lm(source)
+    lm.eval()
+    set_weights(lm, {n: (fake_quantize(w, types[n], n, importance.get(n)), np.ones(w.shape, dtype=bool)) for n, w in weights.items()}, arch)
+    cb = (lambda i, total: progress("healing against the quantized base", i, total)) if progress else None
+    res = heal(lm, names, tokens, cfg, arch=arch, progress=cb)
+    return {n: (weights[n] + lora_product(*res.lora[n])).astype(np.float32) for n in names}
 
 
 def apply_plan(model: str | Path, plan: Plan, out: str | Path, imatrix: str | Path | None = None, threads: int = 0):

@@ -193,12 +193,12 @@ def advance(st: RunState, k: int, breach: bool, rule: StopLoss) -> None:
             st.phase = "done"
 
 
-def fake_quantize(w: np.ndarray, qtype: str, name: str) -> np.ndarray:
+def fake_quantize(w: np.ndarray, qtype: str, name: str, importance: np.ndarray | None = None) -> np.ndarray:
     """What the export will store: w quantized to ``qtype`` (llama.cpp's width fallback) and back."""
     from birdbone.io.quantize import quantize_tensor
     from birdbone.io.types import legal_type, tensor_type
 
-    return quantize_tensor(w, legal_type(tensor_type(qtype), w.shape[-1]), name=name).dequantize()
+    return quantize_tensor(w, legal_type(tensor_type(qtype), w.shape[-1]), importance, name=name).dequantize()
 
 
 def layer_of(name: str) -> int:
