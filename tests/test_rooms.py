@@ -13,6 +13,7 @@ ALLOWED = {
     "measure": {"io", "anatomy", "bridge", "measure"},
     "evaluate": {"io", "bridge", "evaluate"},
     "remodel": {"io", "anatomy", "bridge", "measure", "evaluate", "remodel"},
+    "synapse": {"io", "evaluate", "synapse"},
 }
 IMPORT = re.compile(r"^\s*(?:from|import)\s+birdbone\.(\w+)", re.M)
 

@@ -1,0 +1,377 @@
+"""The living transformer: a small llama-style GPT whose synapses tire and remember while it runs.
+
+One readable file, config first. With every switch off, :class:`SynapticGPT` is a plain llama
+(RMSNorm, rotary attention, SwiGLU MLP): copied into ``transformers``' ``LlamaForCausalLM`` it
+gives the same logits (tested). Each switch adds one mechanism, all of them causal — position t
+never sees a token after t, in training as in generation — and none of them ever changes a
+trained weight during a forward pass:
+
+* ``presynaptic``: Tsodyks–Markram depletion per (layer, head, key). Every query drives the
+  calcium of each key it attends to; the key's release probability rises with calcium, its
+  readily releasable pool (RRP) is spent by release and refills slowly, and the release the
+  query gets, W_eff = min(P, RRP), enters its logits as a bounded log W_eff. A key attended again
+  and again is depleted, so attention moves on. Training runs the same scan as generation.
+* ``hebbian``: fast weights in the MLP's output projection, a per-sequence state that grows
+  from pre/post co-activity through eligibility traces, gated by a bistable CaMKII/PP1 latch.
+* ``moe``: the energy-driven mixture of experts that splits and merges — not built yet (a
+  config with ``moe=True`` is refused with a clear error).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STOCHASTIC_MODES = ("normal_reparam", "gumbel_sigmoid_ste", "straight_through")
+
+
+@dataclass(frozen=True)
+class SynapticConfig:
+    """Every parameter of the model, with its biological reading where it has one.
+
+    Architecture: a llama with ``n_layer`` blocks of width ``n_embd``, ``n_head`` heads, SwiGLU
+    hidden width ``intermediate``, context ``block_size``, rotary base ``rope_theta``.
+
+    Presynaptic (``presynaptic=True``), per layer, head and key position j, advanced query by
+    query t:
+
+    * calcium C_t = ``alpha_ca`` · (1 − 1/``tau_buf``) · softplus(L_t) + (1 − 1/``tau_c``) · C_{t−1},
+      L_t the query's attention logit on the key. ``tau_buf`` is calcium buffering: buffers bind
+      a share 1/tau_buf of each influx before it reaches the sensor (tau_buf → ∞: no buffer).
+    * synaptotagmin sensor Syt(C) = C / (C + ``syt_fast_kd``).
+    * P_primed = 1 − exp(−(t − j + 1)/``tau_prime``): the key's vesicles dock when the token
+      arrives and become primed over ``tau_prime`` tokens.
+    * complexin: a learned clamp per head (initialised at 0) that holds back release.
+    * release P = σ(3·Syt + 2·P_primed − 2·complexin) · σ(L); W_eff = min(P, RRP); the pool
+      refills as RRP ← RRP − W_eff + (1 − RRP)/``tau_rrp``; the logit gains
+      max(log W_eff, −``depletion_bound``).
+    * stochastic release (training only, ``stochastic=True``): on a share
+      ``stochastic_train_frac`` of query positions the release is a draw — ``stochastic_count_cap``
+      release sites per synapse (the count cap), W = k/n with k ~ Binomial(n, W_eff) — as a normal
+      reparameterisation, a Gumbel-sigmoid per site with temperature ``stochastic_tau`` and a
+      straight-through estimator, or a hard draw with a straight-through gradient.
+
+    Postsynaptic (``hebbian=True``), in each MLP's output projection W (d_ff → d): y = h·W + g·h·A.
+    A = Pᵀ M Q with trained projections P (rank × d_ff) and Q (rank × d) and a per-sequence fast
+    state M (rank × rank), so A never exceeds ``rank_eligibility`` by construction. Eligibility
+    E ← ``rho_elig`` · E + (P h)(Q y)ᵀ; M ← M + η · G · E, then scaled down to Frobenius norm
+    ≤ ``fast_rel_max`` · ‖W‖ (P and Q have orthonormal rows at the start, so ‖A‖ ≈ ‖M‖: the fast
+    weights may grow as large as the slow ones, no larger); token t is computed with the M of tokens before it; P h and Q y enter the
+    trace as unit vectors (the directions of pre and post activity). The gate
+    G = σ(``camkii_gain`` · c − ``pp1_gain``) reads a CaMKII latch c ∈ [0, 1] that follows
+    c ← c + (Hill(a + c) − c)/``latch_tau``, Hill(x) = x⁴/(½⁴ + x⁴), with activity
+    a = tanh(RMS(h_t) / causal running mean of RMS(h)): it self-excites once high (hysteresis),
+    stays shut under weak drive and opens under sustained activity. η is
+    ``hebb_eta``, times (1 + ``bdnf_gamma`` · a) when BDNF is on (``bdnf_gamma`` > 0). g is a
+    trained scalar per layer (initialised at 1).
+
+    Structural (``moe=True``, not built yet): ``experts`` experts, ``top_k`` routed per token,
+    energy tax ``energy_cost_rel`` per forward, split above health ``split_health_min``, router
+    contrastive push ``router_contrastive_push``, split/merge every ``splitmerge_every`` steps.
+    """
+
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    intermediate: int = 352
+    block_size: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    # switches
+    presynaptic: bool = False
+    stochastic: bool = False
+    hebbian: bool = False
+    moe: bool = False
+    # presynaptic
+    tau_c: float = 4.0
+    tau_rrp: float = 40.0
+    alpha_ca: float = 0.25
+    syt_fast_kd: float = 0.4
+    tau_buf: float = 4.0
+    tau_prime: float = 5.0
+    depletion_bound: float = 5.0
+    stochastic_train_frac: float = 0.12
+    stochastic_mode: str = "normal_reparam"
+    stochastic_tau: float = 1.0
+    stochastic_count_cap: int = 8
+    # postsynaptic
+    rank_eligibility: int = 16
+    rho_elig: float = 0.95
+    camkii_gain: float = 1.5
+    pp1_gain: float = 1.0
+    bdnf_gamma: float = 0.0
+    hebb_eta: float = 0.1
+    latch_tau: float = 4.0
+    fast_rel_max: float = 1.0
+    # structural
+    energy_cost_rel: float = 0.015
+    split_health_min: float = 0.80
+    router_contrastive_push: float = 0.1
+    experts: int = 4
+    top_k: int = 2
+    splitmerge_every: int = 100
+
+    def __post_init__(self):
+        for name in ("tau_c", "tau_rrp", "tau_buf", "tau_prime", "latch_tau", "stochastic_tau", "syt_fast_kd", "alpha_ca", "rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd {self.n_embd} must split into {self.n_head} heads of even width")
+        if min(self.vocab_size, self.n_layer, self.n_head, self.intermediate, self.block_size, self.rank_eligibility, self.stochastic_count_cap) < 1:
+            raise ValueError("sizes, rank_eligibility and stochastic_count_cap must be ≥ 1")
+        if self.stochastic_mode not in STOCHASTIC_MODES:
+            raise ValueError(f"stochastic_mode {self.stochastic_mode!r}: choose one of {', '.join(STOCHASTIC_MODES)}")
+        if not 0.0 <= self.stochastic_train_frac <= 1.0 or not 0.0 <= self.rho_elig < 1.0:
+            raise ValueError("stochastic_train_frac must be in [0, 1] and rho_elig in [0, 1)")
+        if self.top_k < 1 or self.top_k > self.experts:
+            raise ValueError(f"top_k {self.top_k} must be in [1, experts = {self.experts}]")
+        if self.depletion_bound <= 0 or self.fast_rel_max <= 0 or self.bdnf_gamma < 0 or self.hebb_eta < 0:
+            raise ValueError("depletion_bound and fast_rel_max must be > 0, bdnf_gamma and hebb_eta ≥ 0")
+        if self.moe:
+            raise ValueError("moe: the energy-driven mixture of experts is not built yet; set moe=false")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# -- plain parts ---------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotary(head_dim: int, T: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) in llama's half-split layout."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+# -- presynaptic depletion -------------------------------------------------------------------------------
+def decay_matrix(T: int, decay: float, device) -> torch.Tensor:
+    """D[t, s] = decay^(t − s) for s ≤ t, else 0: C = D @ X solves C_t = X_t + decay · C_{t−1}."""
+    t = torch.arange(T, device=device, dtype=torch.float32)
+    age = t[:, None] - t[None, :]
+    return torch.where(age >= 0, decay ** age.clamp(min=0), torch.zeros((), device=device))
+
+
+def stochastic_release(w: torch.Tensor, cfg: SynapticConfig) -> torch.Tensor:
+    """A draw of k/n released vesicles, n = count cap, k ~ Binomial(n, w), with a gradient."""
+    n = cfg.stochastic_count_cap
+    if cfg.stochastic_mode == "normal_reparam":
+        sd = torch.sqrt((w * (1 - w)).clamp(min=0) / n)
+        return (w + sd * torch.randn_like(w)).clamp(0.0, 1.0)
+    if cfg.stochastic_mode == "gumbel_sigmoid_ste":
+        logit = torch.log(w.clamp(1e-6, 1 - 1e-6)) - torch.log1p(-w.clamp(1e-6, 1 - 1e-6))
+        u = torch.rand((*w.shape, n), device=w.device).clamp(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((logit[..., None] + torch.log(u) - torch.log1p(-u)) / cfg.stochastic_tau)
+        hard = (soft > 0.5).to(w.dtype)
+        return (hard + soft - soft.detach()).mean(-1)
+    # n Bernoulli sites from uniforms of a fixed shape: the random stream never depends on the values
+    k = (torch.rand((*w.shape, n), device=w.device) < w.detach()[..., None]).sum(-1).to(w.dtype)
+    return w + (k / n - w).detach()
+
+
+class PresynapticState(nn.Module):
+    """Turns attention logits (B, H, T, T) into the bounded log-release bias, by a causal scan."""
+
+    def __init__(self, cfg: SynapticConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.complexin = nn.Parameter(torch.zeros(cfg.n_head))
+        self.last: dict[str, float] = {}
+
+    def forward(self, logits: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        B, H, T, _ = logits.shape
+        dev = logits.device
+        drive = torch.where(causal, F.softplus(logits), torch.zeros((), device=dev))
+        influx = cfg.alpha_ca * (1.0 - 1.0 / cfg.tau_buf) * drive
+        calcium = torch.einsum("ts,bhsj->bhtj", decay_matrix(T, 1.0 - 1.0 / cfg.tau_c, dev), influx)
+        syt = calcium / (calcium + cfg.syt_fast_kd)
+        pos = torch.arange(T, device=dev, dtype=torch.float32)
+        primed = 1.0 - torch.exp(-(pos[:, None] - pos[None, :] + 1.0).clamp(min=0.0) / cfg.tau_prime)
+        p = torch.sigmoid(3.0 * syt + 2.0 * primed - 2.0 * self.complexin.view(1, H, 1, 1)) * torch.sigmoid(logits)
+        p = torch.where(causal, p, torch.zeros((), device=dev))
+        sample_rows = None
+        if self.training and cfg.stochastic and cfg.stochastic_train_frac > 0:
+            sample_rows = torch.rand(B, 1, T, device=dev) < cfg.stochastic_train_frac  # query positions, drawn without looking at tokens
+        rrp = torch.ones(B, H, T, device=dev, dtype=logits.dtype)
+        released = []
+        for t in range(T):  # query t sees the pool as queries before it left it
+            w = torch.minimum(p[:, :, t], rrp)
+            if sample_rows is not None:
+                # a draw can exceed its mean, never the pool it comes from
+                w = torch.where(sample_rows[:, :, t, None], torch.minimum(stochastic_release(w, cfg), rrp), w)
+            released.append(w)
+            rrp = rrp - w + (1.0 - rrp) / cfg.tau_rrp
+        w_eff = torch.stack(released, dim=2)
+        self.last = {"calcium_mean": float(calcium[causal.expand_as(calcium)].mean()), "rrp_mean": float(rrp.mean())}
+        return torch.log(w_eff + 1e-12).clamp(min=-cfg.depletion_bound)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: SynapticConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.n_embd
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.presynaptic = PresynapticState(cfg) if cfg.presynaptic else None
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        H, hd = self.cfg.n_head, self.cfg.head_dim
+        q, k, v = (p(x).view(B, T, H, hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if self.presynaptic is not None:
+            logits = logits + self.presynaptic(logits, causal)
+        logits = logits.masked_fill(~causal, float("-inf"))
+        y = torch.softmax(logits.float(), dim=-1).to(q.dtype) @ v
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+# -- Hebbian fast weights ----------------------------------------------------------------------------------
+class FastWeights(nn.Module):
+    """The per-sequence fast state of one MLP output projection: y_fast_t = g · (P h_t)ᵀ M_{t−1} Q."""
+
+    def __init__(self, cfg: SynapticConfig):
+        super().__init__()
+        self.cfg = cfg
+        r = cfg.rank_eligibility
+        self.pre = nn.Linear(cfg.intermediate, r, bias=False)  # P
+        self.post = nn.Linear(cfg.n_embd, r, bias=False)  # Q (its weight, r × d, maps back out too)
+        self.gain = nn.Parameter(torch.ones(()))  # g
+        self.last: dict[str, float] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # orthonormal rows: the projections keep the scale of what they read, so the fast path acts from the start
+        nn.init.orthogonal_(self.pre.weight)
+        nn.init.orthogonal_(self.post.weight)
+
+    def forward(self, h: torch.Tensor, y_slow: torch.Tensor, slow_norm: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = h.shape
+        r = cfg.rank_eligibility
+        pre, post = self.pre(h), self.post(y_slow)  # (B, T, r)
+        # co-activity directions: unit vectors, so the trace and the state are on one scale whatever the layer's
+        pre_dir = pre / pre.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        post_dir = post / post.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        # activity: the token's MLP drive relative to the sequence's causal running mean of it
+        drive = h.pow(2).mean(-1).sqrt()  # (B, T)
+        running = drive.cumsum(1) / torch.arange(1, T + 1, device=h.device, dtype=h.dtype)
+        activity = torch.tanh(drive / running.clamp(min=1e-12))
+        m = torch.zeros(B, r, r, device=h.device, dtype=h.dtype)  # fast state, reset at the sequence's start
+        e = torch.zeros_like(m)
+        latch = torch.zeros(B, device=h.device, dtype=h.dtype)
+        out = []
+        for t in range(T):
+            out.append(torch.einsum("br,brs->bs", pre[:, t], m))  # token t reads the state of tokens before it
+            a = activity[:, t]
+            x = a + latch
+            latch = latch + ((x ** 4) / (0.5 ** 4 + x ** 4) - latch) / cfg.latch_tau
+            gate = torch.sigmoid(cfg.camkii_gain * latch - cfg.pp1_gain)
+            eta = cfg.hebb_eta * (1.0 + cfg.bdnf_gamma * a) if cfg.bdnf_gamma > 0 else cfg.hebb_eta
+            e = cfg.rho_elig * e + torch.einsum("br,bs->brs", pre_dir[:, t], post_dir[:, t])
+            m = m + (eta * gate)[:, None, None] * e
+            norm = m.flatten(1).norm(dim=-1).clamp(min=1e-12)
+            m = m * (cfg.fast_rel_max * slow_norm / norm).clamp(max=1.0)[:, None, None]
+        fast = torch.stack(out, dim=1) @ self.post.weight  # (B, T, d): (P h)ᵀ M Q
+        self.last = {"fast_state_norm": float(m.flatten(1).norm(dim=-1).mean()), "latch_mean": float(latch.mean())}
+        self.state = m.detach()
+        return self.gain * fast
+
+    def fast_matrix(self, b: int = 0) -> torch.Tensor:
+        """A = Pᵀ M Q (d_ff × d) of batch row b after the last forward pass (rank ≤ rank_eligibility)."""
+        return (self.pre.weight.t() @ self.state[b] @ self.post.weight).detach()
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: SynapticConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate, cfg.n_embd, bias=False)
+        self.fast = FastWeights(cfg) if cfg.hebbian else None
+
+    def forward(self, x):
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        y = self.down_proj(h)
+        return y if self.fast is None else y + self.fast(h, y, self.down_proj.weight.detach().norm())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SynapticConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SynapticGPT(nn.Module):
+    """Module names follow transformers' llama, so a plain model's state dict loads into one."""
+
+    def __init__(self, cfg: SynapticConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, FastWeights):
+            m.reset_parameters()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}")
+        cos, sin = rotary(self.cfg.head_dim, T, self.cfg.rope_theta, idx.device)
+        x = self.embed_tokens(idx)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        return logits, loss
+
+    def vitals(self) -> dict[str, float]:
+        """Means over layers of what the mechanisms reported in the last forward pass."""
+        sums: dict[str, list[float]] = {}
+        for block in self.layers:
+            for part in (block.self_attn.presynaptic, block.mlp.fast):
+                for k, v in (part.last if part is not None else {}).items():
+                    sums.setdefault(k, []).append(v)
+        return {k: sum(v) / len(v) for k, v in sums.items()}
