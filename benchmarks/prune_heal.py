@@ -8,6 +8,7 @@ and healing text ../shared/data/wikitext-2-tok/valid.txt):
 * ``wanda-noheal``   Wanda, no healing
 * ``wanda-rigl``     Wanda, healing, RigL regrowth of 5 % per wave
 * ``wanda-2:4``      Wanda, 2:4 reached progressively
+* ``wanda-alpha``    Wanda with per-tensor densities allocated from the map's α (only with --configs)
 * ``oneshot``        the baseline a user would pick instead: Wanda one-shot to each checkpoint density,
                      then the same total number of healing steps the ``wanda`` trajectory had spent
                      by then, in one go
@@ -46,6 +47,7 @@ TRAJECTORIES = {
     "wanda-noheal": ["score=wanda", "heal.steps=0", "reinforce=false"],
     "wanda-rigl": ["score=wanda", "rigl=0.05"],
     "wanda-2:4": ["score=wanda", "granularity=2:4"],
+    "wanda-alpha": ["score=wanda", "allocation=alpha"],  # not in the default set: run it with --configs wanda-alpha
 }
 log = logging.getLogger("prune_heal")
 
@@ -150,7 +152,7 @@ def markdown(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join([*TRAJECTORIES, "oneshot"]))
+    ap.add_argument("--configs", default=",".join([*(t for t in TRAJECTORIES if t != "wanda-alpha"), "oneshot"]))
     ap.add_argument("--heal-steps", type=int, default=20)
     ap.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens the guardrail scores per wave (torch)")
     ap.add_argument("--calibration-tokens", type=int, default=4096)

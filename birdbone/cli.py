@@ -534,7 +534,7 @@ def prune(
     LoRA, stop and roll back when Δppl exceeds the stop-loss, then export and check in llama.cpp.
 
     Config keys: target_density, max_wave, score, granularity, roles, holdout, eval_tokens, eval_ctx,
-    calibration_tokens, seed, heal.{steps,lr,rank,alpha,batch,seq,kd_weight}, stop_loss.{threshold_pct,patience,rollback_waves}.
+    calibration_tokens, allocation (uniform | alpha: per-tensor densities from the baseline map's α), allocation_spread, seed, heal.{steps,lr,rank,alpha,batch,seq,kd_weight}, stop_loss.{threshold_pct,patience,rollback_waves}.
     llama.cpp has no sparse types: the exported file is as large as a dense one.
     """
     from birdbone.io.config import load_config

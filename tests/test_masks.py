@@ -111,3 +111,16 @@ def test_one_shot_matches_the_waves_endpoint(spec, target):
     s = RNG.random((8, 64))
     waved, _ = run_waves(s, target, spec)
     np.testing.assert_array_equal(one_shot(s, target, parse_granularity(spec)), waved)
+
+
+def test_allocation_keeps_the_mean_and_orders_by_alpha():
+    from birdbone.remodel.masks import allocate_densities
+
+    alpha = {"a": 2.0, "b": 3.0, "c": 6.0, "d": None}
+    sizes = {"a": 100, "b": 300, "c": 50, "d": 200}
+    dens = allocate_densities(alpha, sizes, 0.5, 0.2)
+    assert abs(sum(dens[n] * sizes[n] for n in sizes) / sum(sizes.values()) - 0.5) < 1e-9
+    assert dens["a"] > dens["b"] > dens["c"] and all(0 < d <= 1 for d in dens.values())
+    assert allocate_densities(alpha, sizes, 0.5, 0.0) == {n: 0.5 for n in sizes}
+    near_one = allocate_densities(alpha, sizes, 0.95, 0.2)
+    assert max(near_one.values()) <= 1.0 and abs(sum(near_one[n] * sizes[n] for n in sizes) / sum(sizes.values()) - 0.95) < 1e-6

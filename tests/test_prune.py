@@ -173,3 +173,21 @@ def test_bad_requests(tiny, tiny_k, tmp_path):
         run_prune(tiny.gguf_f32, tmp_path / "r3", cfg, short)
     p = birdbone("prune", tiny.gguf_f32, "--run-dir", tmp_path / "r2", "-o", tmp_path / "x.gguf", "--target-density", "0", check=False)
     assert p.returncode == 2 and "outside (0, 1]" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_allocation_from_the_map_spreads_densities_by_alpha(tiny, tmp_path):
+    run = tmp_path / "run"
+    r = json.loads(birdbone("prune", tiny.gguf_f32, "--run-dir", run, "-o", tmp_path / "p.gguf", "--target-density", "0.8", "--score",
+                            "magnitude", "--set", "allocation=alpha", "--set", "allocation_spread=0.1", "--set", "reinforce=false",
+                            *SMALL, "--heal-steps", "0", "--json").stdout)
+    alloc = json.loads((run / "allocation.json").read_text())
+    targets, alpha = alloc["target_density"], alloc["alpha"]
+    with open_model(tiny.gguf_f32) as m:
+        sizes = {n: m.tensors[n].n_params for n in targets}
+    assert abs(sum(targets[n] * sizes[n] for n in sizes) / sum(sizes.values()) - 0.8) < 1e-6
+    assert max(targets.values()) - min(targets.values()) > 0.05
+    ranked = sorted((a, n) for n, a in alpha.items() if a is not None)
+    assert targets[ranked[0][1]] > targets[ranked[-1][1]]  # the most heavy-tailed keeps the most
+    final = r["waves"][-1]["tensor_density"]
+    for n, d in targets.items():
+        assert d - 0.03 <= final[n] <= d + 0.1 / 0.9 * (1 - d) + 0.03, (n, d, final[n])

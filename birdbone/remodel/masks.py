@@ -172,3 +172,32 @@ def one_shot(scores: np.ndarray, target_density: float, granularity: Granularity
         raise BirdboneError(f"{granularity} sparsity needs rows whose width is a multiple of {m}, got {cols}")
     rank = np.argsort(np.argsort(-scores.reshape(rows, cols // m, m), axis=2, kind="stable"), axis=2, kind="stable")
     return (rank < n).reshape(rows, cols)
+
+
+# -- layer-wise allocation ----------------------------------------------------------------------
+ALLOCATIONS = ("uniform", "alpha")
+
+
+def allocate_densities(alpha: dict[str, float | None], sizes: dict[str, int], target: float, spread: float) -> dict[str, float]:
+    """Per-tensor target densities whose size-weighted mean is ``target``, spread by the baseline
+    map's heavy-tail exponent α (as AlphaPruning, Lu et al. 2024): a lower α — a more heavy-tailed
+    spectrum, read as a better-trained matrix — keeps more weights. α is mapped linearly onto
+    [target − spread, target + spread] (lowest α densest), then shifted so the mean holds, and
+    kept inside (0, 1]. Tensors without an α get the target itself."""
+    if not 0.0 <= spread < 1.0:
+        raise BirdboneError(f"allocation spread {spread} is outside [0, 1)")
+    known = {n: a for n, a in alpha.items() if a is not None and math.isfinite(a)}
+    out = {n: target for n in sizes}
+    if len(known) < 2 or spread == 0.0:
+        return out
+    lo, hi = min(known.values()), max(known.values())
+    for n, a in known.items():
+        z = 0.0 if hi == lo else 2.0 * (a - lo) / (hi - lo) - 1.0  # −1 at the lowest α, +1 at the highest
+        out[n] = target - spread * z
+    total = sum(sizes.values())
+    for _ in range(50):  # shift to the target mean; the clip to (0, 1] may need a few rounds
+        mean = sum(out[n] * sizes[n] for n in sizes) / total
+        if abs(mean - target) < 1e-9:
+            break
+        out = {n: min(1.0, max(1e-3, d + target - mean)) for n, d in out.items()}
+    return out

@@ -47,7 +47,7 @@ from birdbone.io.model_file import open_model, resolve_model_path
 from birdbone.io.runtime import LlamaRuntime
 from birdbone.remodel.heal import HealConfig, heal, hidden_states, set_weights, token_batches
 from birdbone.remodel.history import DeltaHistory, WaveDelta, apply_wave, masked
-from birdbone.remodel.masks import MAX_WAVE, SCORES, check_wave, parse_granularity, score, wave
+from birdbone.remodel.masks import ALLOCATIONS, MAX_WAVE, SCORES, allocate_densities, check_wave, parse_granularity, score, wave
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -83,10 +83,16 @@ class PruneConfig:
     reinforce_share: float = 0.5  # extra steps for stressed layers, as a share of the wave's healing steps
     rigl: float = 0.0  # share of each row's pruned weights regrown per wave after healing (≤ 0.05; 0: off)
     qlora: str = ""  # heal against the base fake-quantized to this llama.cpp type (e.g. Q4_K); "": float
+    allocation: str = "uniform"  # uniform, or alpha: per-tensor densities from the baseline map's α (AlphaPruning)
+    allocation_spread: float = 0.1  # alpha: densities span target ± this before the mean is restored
     seed: int = 0
 
     def __post_init__(self):
         check_wave(self.max_wave, self.target_density)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation != "uniform" and parse_granularity(self.granularity).kind != "row":
+            raise ValueError("allocation from the map works with row granularity (N:M fixes every tensor's density)")
         if self.score not in SCORES:
             raise ValueError(f"score {self.score!r}: choose one of {', '.join(SCORES)}")
         g = parse_granularity(self.granularity)
@@ -108,9 +114,10 @@ class PruneConfig:
     @property
     def expected_waves(self) -> int:
         """R: waves of max_wave each needed to reach the target (the healing taper's horizon)."""
-        if self.target_density >= 1.0:
+        lowest = self.target_density - (self.allocation_spread if self.allocation != "uniform" else 0.0)
+        if lowest >= 1.0:
             return 1
-        return max(1, math.ceil(math.log(self.target_density) / math.log(1.0 - self.max_wave)))
+        return max(1, math.ceil(math.log(max(lowest, 1e-3)) / math.log(1.0 - self.max_wave)))
 
 
 @dataclass
@@ -276,6 +283,22 @@ def _usage(run: Run, cfg: PruneConfig, progress: Progress | None):
     return read_profile(folder)
 
 
+def _targets(run: Run, cfg: PruneConfig, m, names: list[str], progress: Progress | None) -> dict[str, float]:
+    """Each tensor's target density: the config's, or allocated from the source's α (cached in the run folder)."""
+    if cfg.allocation == "uniform":
+        return {n: cfg.target_density for n in names}
+    path = run.folder / "allocation.json"
+    if not path.exists():
+        from birdbone.measure import measure_model
+
+        cb = (lambda name, i, total: progress("baseline map (α)", i, total)) if progress else None
+        mp = measure_model(m, names=names, progress=cb)
+        alpha = {t.name: t.alpha for t in mp.tensors}
+        dens = allocate_densities(alpha, {n: m.tensors[n].n_params for n in names}, cfg.target_density, cfg.allocation_spread)
+        write_text_atomic(path, json.dumps({"allocation": cfg.allocation, "alpha": alpha, "target_density": dens}, indent=1) + "\n")
+    return json.loads(path.read_text())["target_density"]
+
+
 def _scores(kind: str, name: str, w: np.ndarray, usage) -> np.ndarray:
     if usage is None:
         return score(kind, w)
@@ -312,6 +335,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
         history = DeltaHistory(run.folder / "history", shapes)
         run.drop_uncommitted(history)
         usage = _usage(run, cfg, progress) if cfg.score != "magnitude" else None
+        targets = _targets(run, cfg, m, names, progress)
         lm = load_causal_lm(run.source)
         with LlamaRuntime(run.source, n_ctx=64) as rt:
             tokens, held = (rt.tokenize((run.folder / f).read_text(encoding="utf-8"), add_special=False)
@@ -337,7 +361,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
             if run.state.phase == "prune":
                 for n in names:
                     w, mask = current[n]
-                    gone = wave(_scores(cfg.score, n, w, usage), mask, cfg.target_density, cfg.max_wave, gran)
+                    gone = wave(_scores(cfg.score, n, w, usage), mask, targets[n], cfg.max_wave, gran)
                     if gone.any():
                         delta.pruned[n] = gone
                 if not delta.pruned:
