@@ -733,6 +733,41 @@ def scaffold(
         print_eval(e)
 
 
+# -- synapse ----------------------------------------------------------------------------------
+synapse_app = typer.Typer(help="The living transformer: a small GPT whose synapses tire and remember (presynaptic depletion, Hebbian fast weights).",
+                          no_args_is_help=True)
+app.add_typer(synapse_app, name="synapse")
+
+
+@synapse_app.command("train")
+def synapse_train(
+    out: Path = typer.Option(..., "-o", "--out", help="Run folder: created, or resumed when it holds this text and config."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Training text; its last tenth is held out (default: the built-in Shakespeare excerpt)."),
+    config: Optional[Path] = CONFIG_OPT,
+    sets: List[str] = SET_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Train a synaptic GPT (tokenizer included) into a run folder; a killed run resumes exactly.
+
+    Config keys: vocab, steps, batch, seq, lr, min_lr, warmup, weight_decay, grad_clip, recall_share,
+    holdout, eval_every, eval_windows, checkpoint_every, seed, and model.* — the architecture
+    (n_layer, n_head, n_embd, intermediate, block_size), the switches (presynaptic, stochastic,
+    hebbian) and every biological parameter (see birdbone/synapse/model.py, SynapticConfig).
+    """
+    from birdbone.io.config import load_config
+    from birdbone.synapse.train import TrainConfig, train
+
+    cfg = load_config(TrainConfig, config, sets)
+    with progress_bar() as cb:
+        last = train(out, text, cfg, cb)
+    if as_json:
+        emit_json({"run": str(out), **last})
+        return
+    vitals = ", ".join(f"{k} {v:.3g}" for k, v in last.items() if k not in ("step", "loss", "lr", "val_loss", "val_ppl", "train_tok_s"))
+    out_console.print(f"{out}: step {last.get('step')}, loss {last.get('loss', float('nan')):.3f}, held-out ppl {last.get('val_ppl', float('nan')):.2f}, "
+                      f"{last.get('train_tok_s', 0):.0f} tok/s" + (f"; {vitals}" if vitals else ""))
+
+
 # -- generate / chat --------------------------------------------------------------------------
 @app.command()
 def generate(

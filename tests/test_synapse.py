@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -147,3 +148,57 @@ def test_no_forward_pass_changes_a_trained_weight(trained_plain):
 def test_degenerate_configs_are_refused(bad, msg):
     with pytest.raises(ValueError, match=msg):
         SynapticConfig(**{**TINY, **bad})
+
+
+# -- training runs ---------------------------------------------------------------------------------------
+RUN_SETS = ["--set", "steps=8", "--set", "vocab=300", "--set", "batch=2", "--set", "seq=32", "--set", "model.n_layer=1", "--set", "model.n_embd=32",
+            "--set", "model.intermediate=48", "--set", "model.presynaptic=true", "--set", "model.hebbian=true", "--set", "model.stochastic=true",
+            "--set", "model.rank_eligibility=4", "--set", "eval_every=4", "--set", "eval_windows=2", "--set", "checkpoint_every=2"]
+
+
+def test_training_resumes_after_kill_9_to_the_same_bytes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import birdbone
+
+    straight = tmp_path / "straight"
+    r = json.loads(birdbone("synapse", "train", "-o", straight, *RUN_SETS, "--json").stdout)
+    assert r["step"] == 8 and r["val_ppl"] > 0 and {"calcium_mean", "rrp_mean", "fast_state_norm"} <= set(r)
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "birdbone", "synapse", "train", "-o", str(killed), *RUN_SETS], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((killed / "state.json").exists() and json.loads((killed / "state.json").read_text())["step"] >= 4):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert json.loads((killed / "state.json").read_text())["step"] < 8
+    birdbone("synapse", "train", "-o", killed, *RUN_SETS)
+    for f in ("model.safetensors", "optimizer.safetensors", "tokenizer.json"):
+        assert (killed / f).read_bytes() == (straight / f).read_bytes(), f
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 9))
+
+
+def test_bad_training_requests(tmp_path):
+    from tests.test_cli import birdbone
+
+    def error(*args):
+        p = birdbone(*args, check=False)
+        assert p.returncode == 2, p.stderr
+        return p.stderr.strip().splitlines()[-1]
+
+    assert "does not exist" in error("synapse", "train", "-o", tmp_path / "a", "--set", "model.tau_x=1")
+    assert "tau_c" in error("synapse", "train", "-o", tmp_path / "a", "--set", "model.tau_c=0")
+    assert "top_k" in error("synapse", "train", "-o", tmp_path / "a", "--set", "model.top_k=9")
+    run = tmp_path / "run"
+    birdbone("synapse", "train", "-o", run, *RUN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")
+    assert "another config" in error("synapse", "train", "-o", run, *RUN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1",
+                                     "--set", "lr=0.001")
+    other = tmp_path / "other.txt"
+    other.write_text("a different text\n" * 400)
+    assert "another text" in error("synapse", "train", "-o", run, "--text", other, *RUN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")

@@ -124,6 +124,11 @@ def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | 
         raise BirdboneError(f"{where}: {e}" if where else str(e)) from None
 
 
+def config_from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """``cls`` from plain data (a run folder's saved config), checked as a YAML file would be."""
+    return _build(cls, data, where)
+
+
 def config_dict(cfg) -> dict:
     """Plain data (tuples as lists) for JSON."""
     def plain(v):

@@ -225,7 +225,7 @@ class PresynapticState(nn.Module):
             released.append(w)
             rrp = rrp - w + (1.0 - rrp) / cfg.tau_rrp
         w_eff = torch.stack(released, dim=2)
-        self.last = {"calcium_mean": float(calcium[causal.expand_as(calcium)].mean()), "rrp_mean": float(rrp.mean())}
+        self.last = {"calcium_mean": float(calcium.detach()[causal.expand_as(calcium)].mean()), "rrp_mean": float(rrp.detach().mean())}
         return torch.log(w_eff + 1e-12).clamp(min=-cfg.depletion_bound)
 
 
@@ -298,7 +298,7 @@ class FastWeights(nn.Module):
             norm = m.flatten(1).norm(dim=-1).clamp(min=1e-12)
             m = m * (cfg.fast_rel_max * slow_norm / norm).clamp(max=1.0)[:, None, None]
         fast = torch.stack(out, dim=1) @ self.post.weight  # (B, T, d): (P h)ᵀ M Q
-        self.last = {"fast_state_norm": float(m.flatten(1).norm(dim=-1).mean()), "latch_mean": float(latch.mean())}
+        self.last = {"fast_state_norm": float(m.detach().flatten(1).norm(dim=-1).mean()), "latch_mean": float(latch.detach().mean())}
         self.state = m.detach()
         return self.gain * fast
 

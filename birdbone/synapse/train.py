@@ -1,0 +1,324 @@
+"""Training a :class:`SynapticGPT` from a text file into a run folder that survives a kill.
+
+A run folder holds ``config.json`` (the resolved config, the text's sha256), ``tokenizer.json``
+(a byte-level BPE trained on the text's training part), ``model.safetensors`` and
+``optimizer.safetensors`` + ``optimizer.json`` (never pickles), ``state.json`` (the step),
+``metrics.jsonl`` and TensorBoard events in ``tb/``. Batches and stochastic release are seeded
+by (seed, step), so a resumed run continues exactly as an uninterrupted one would.
+
+The training mix includes synthetic recall windows — key–value lists queried at the end, and a
+passkey hidden in corpus text — so memory can be learned at all (``recall_share`` of each batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from birdbone.io.atomic import write_text_atomic
+from birdbone.io.errors import BirdboneError, InputError
+from birdbone.synapse.model import SynapticConfig, SynapticGPT
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+SPECIALS = ("<|endoftext|>",)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: SynapticConfig = field(default_factory=SynapticConfig)
+    vocab: int = 4096  # tokenizer size (byte-level BPE); the model's vocab_size follows it
+    steps: int = 1000
+    batch: int = 8
+    seq: int = 256
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    recall_share: float = 0.125  # share of each batch's windows that are synthetic recall tasks
+    holdout: float = 0.1  # the text's last tenth: never trained on
+    eval_every: int = 100
+    eval_windows: int = 8
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 256 <= self.vocab <= 65536:
+            raise ValueError(f"vocab {self.vocab}: expected 256..65536 (4-8 k suits these models)")
+        if self.steps < 1 or self.batch < 1 or self.seq < 16 or self.seq > self.model.block_size:
+            raise ValueError(f"steps ≥ 1, batch ≥ 1 and 16 ≤ seq ≤ block_size ({self.model.block_size})")
+        if not 0 < self.min_lr <= self.lr or self.warmup < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
+            raise ValueError("0 < min_lr ≤ lr, warmup ≥ 0, grad_clip > 0, weight_decay ≥ 0")
+        if not 0.0 <= self.recall_share <= 1.0 or not 0.0 < self.holdout < 0.5:
+            raise ValueError("recall_share in [0, 1] and holdout in (0, 0.5)")
+        if self.eval_every < 1 or self.checkpoint_every < 1 or self.eval_windows < 1:
+            raise ValueError("eval_every, checkpoint_every and eval_windows must be ≥ 1")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine down to min_lr."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        f = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(1.0, f)))
+
+
+# -- tokenizer --------------------------------------------------------------------------------------
+def train_tokenizer(text: str, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    return tok
+
+
+def load_tokenizer(run: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(run / "tokenizer.json"))
+
+
+def encode(tok, text: str) -> np.ndarray:
+    return np.array(tok.encode(text).ids, dtype=np.int64)
+
+
+# -- synthetic recall ---------------------------------------------------------------------------------
+def recall_text(rng: np.random.Generator, filler: str) -> tuple[str, str]:
+    """(context, answer): a key–value list queried at its end, or a passkey hidden in corpus text."""
+    if rng.random() < 0.5:
+        pairs = {f"{''.join(rng.choice(list('abcdefghkmnpqrstuvwxyz'), 3))}": int(rng.integers(10, 100)) for _ in range(8)}
+        keys = list(pairs)
+        listing = " ".join(f"{k}={v}" for k, v in pairs.items())
+        q = keys[int(rng.integers(len(keys)))]
+        return f"{listing}. {q}=", str(pairs[q])
+    key = str(int(rng.integers(10000, 100000)))
+    return f"The passkey is {key}. Remember it. {filler} What is the passkey? The passkey is ", key
+
+
+def recall_window(tok, rng: np.random.Generator, corpus: np.ndarray, length: int) -> np.ndarray:
+    """One training window of ``length`` tokens that ends on a recall answer (corpus text before it)."""
+    start = int(rng.integers(0, max(1, len(corpus) - 64)))
+    filler = tok.decode(corpus[start : start + int(rng.integers(8, 48))].tolist())
+    context, answer = recall_text(rng, filler)
+    ids = encode(tok, context + answer)
+    if len(ids) >= length:
+        return ids[-length:]
+    pad_start = int(rng.integers(0, max(1, len(corpus) - length)))
+    return np.concatenate([corpus[pad_start : pad_start + length - len(ids)], ids])
+
+
+def batch_at(step: int, cfg: TrainConfig, tok, train: np.ndarray) -> torch.Tensor:
+    """The step's batch of (batch, seq + 1) tokens: seeded by (seed, step) alone."""
+    rng = np.random.default_rng([cfg.seed, step])
+    rows = []
+    for _ in range(cfg.batch):
+        if rng.random() < cfg.recall_share:
+            rows.append(recall_window(tok, rng, train, cfg.seq + 1))
+        else:
+            s = int(rng.integers(0, len(train) - cfg.seq - 1))
+            rows.append(train[s : s + cfg.seq + 1])
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+def save_checkpoint(run: Path, model: SynapticGPT, opt: torch.optim.Optimizer, step: int) -> None:
+    """Weights, optimizer moments and the step, each written atomically; the step last."""
+    from safetensors.torch import save_file
+
+    from birdbone.io.atomic import atomic_path
+
+    with atomic_path(run / "model.safetensors") as tmp:
+        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.cfg.tie_embeddings},
+                  str(tmp))
+    state = opt.state_dict()
+    tensors, scalars = {}, {"param_groups": state["param_groups"], "state": {}}
+    for i, s in state["state"].items():
+        scalars["state"][str(i)] = {}
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"{i}.{k}"] = v.detach().contiguous().clone()
+            else:
+                scalars["state"][str(i)][k] = v
+    with atomic_path(run / "optimizer.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_text_atomic(run / "optimizer.json", json.dumps(scalars) + "\n")
+    write_text_atomic(run / "state.json", json.dumps({"step": step}) + "\n")
+
+
+def load_weights(run: Path, model: SynapticGPT) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(run / "model.safetensors"))
+    if model.cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(run, f"checkpoint does not fit its config (missing {missing[:2]}, unexpected {unexpected[:2]})")
+
+
+def load_optimizer(run: Path, opt: torch.optim.Optimizer) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run / "optimizer.safetensors"))
+    scalars = json.loads((run / "optimizer.json").read_text())
+    state = {int(i): dict(s) for i, s in scalars["state"].items()}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state[int(i)][k] = v
+    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+def read_config(run: Path) -> TrainConfig:
+    from birdbone.io.config import config_from_dict
+
+    path = run / "config.json"
+    if not path.exists():
+        raise InputError(run, "not a synapse run folder (no config.json)")
+    return config_from_dict(TrainConfig, json.loads(path.read_text())["train"], str(path))
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+def split_text(text: str, holdout: float) -> tuple[str, str]:
+    cut = int(len(text) * (1.0 - holdout))
+    cut = text.rfind("\n", 0, cut) + 1 or cut  # on a line boundary when there is one
+    return text[:cut], text[cut:]
+
+
+def prepare(run: Path, text_path: Path | None, cfg: TrainConfig) -> TrainConfig:
+    """Create the run folder (tokenizer, resolved config) or check that it holds this text and config."""
+    from birdbone.io.config import config_dict
+    from birdbone.io.text import load_text
+
+    body, name = load_text(text_path)
+    sha = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    config_path = run / "config.json"
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        if saved["text"]["sha256"] != sha:
+            raise InputError(run, f"this run was trained on another text ({saved['text']['name']})")
+        want = config_dict(replace(cfg, model=replace(cfg.model, vocab_size=saved["train"]["model"]["vocab_size"])))
+        if saved["train"] != json.loads(json.dumps(want)):
+            raise InputError(run, "this run was started with another config; use a new run folder")
+        return read_config(run)
+    run.mkdir(parents=True, exist_ok=True)
+    train_part, _ = split_text(body, cfg.holdout)
+    tok = train_tokenizer(train_part, cfg.vocab)
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=tok.get_vocab_size()))
+    from birdbone.io.atomic import atomic_path
+
+    with atomic_path(run / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    write_text_atomic(config_path, json.dumps({"train": config_dict(cfg), "text": {"name": name, "sha256": sha}}, indent=1) + "\n")
+    return cfg
+
+
+def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progress: Progress | None = None) -> dict:
+    """Train (or resume) the run to ``cfg.steps``; returns the last metrics."""
+    from birdbone.io.text import load_text
+
+    run = Path(run)
+    cfg = prepare(run, Path(text_path) if text_path else None, cfg)
+    tok = load_tokenizer(run)
+    train_part, held_part = split_text(load_text(Path(text_path) if text_path else None)[0], cfg.holdout)
+    train_ids, held_ids = encode(tok, train_part), encode(tok, held_part)
+    if len(train_ids) < cfg.seq + 2 or len(held_ids) < cfg.seq + 2:
+        raise InputError(Path(text_path or "builtin"), f"too short: {len(train_ids)} training and {len(held_ids)} held-out tokens; "
+                                                     f"one window needs {cfg.seq + 2}")
+    torch.manual_seed(cfg.seed)
+    model = SynapticGPT(cfg.model)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    other = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    step = 0
+    if (run / "state.json").exists():
+        load_weights(run, model)
+        load_optimizer(run, opt)
+        step = json.loads((run / "state.json").read_text())["step"]
+        _truncate_metrics(run, step)  # rows logged after the checkpoint will be logged again
+        log.info("resuming %s at step %d", run, step)
+    writer = _tensorboard(run)
+    last: dict = {}
+    t0, tokens_done = time.time(), 0
+    while step < cfg.steps:
+        model.train()
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # stochastic release: same draws on resume
+        x = batch_at(step, cfg, tok, train_ids)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        tokens_done += x[:, 1:].numel()
+        last = {"step": step, "loss": float(loss), "lr": cfg.lr_at(step - 1), **model.vitals(),
+                "train_tok_s": tokens_done / max(time.time() - t0, 1e-9)}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            last["val_loss"] = evaluate_loss(model, held_ids, cfg)
+            last["val_ppl"] = math.exp(last["val_loss"])
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(run, model, opt, step)
+        _log(run, writer, last)
+        if progress:
+            progress("train", step, cfg.steps)
+    if writer:
+        writer.close()
+    return last
+
+
+def evaluate_loss(model: SynapticGPT, held: np.ndarray, cfg: TrainConfig) -> float:
+    """Mean next-token loss over up to ``eval_windows`` consecutive held-out windows (deterministic release)."""
+    model.eval()
+    n = min(cfg.eval_windows, (len(held) - 1) // cfg.seq)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            x = torch.from_numpy(held[i * cfg.seq : i * cfg.seq + cfg.seq + 1][None, :])
+            total += float(model(x[:, :-1], x[:, 1:])[1])
+    return total / max(n, 1)
+
+
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+        return None
+    return SummaryWriter(str(run / "tb"))
+
+
+def _truncate_metrics(run: Path, step: int) -> None:
+    path = run / "metrics.jsonl"
+    if path.exists():
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    rows.append(line)
+            except (json.JSONDecodeError, KeyError):  # a line cut short by the kill
+                continue
+        write_text_atomic(path, "".join(r + "\n" for r in rows))
+
+
+def _log(run: Path, writer, metrics: dict) -> None:
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if writer:
+        for k, v in metrics.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, metrics["step"])
+
