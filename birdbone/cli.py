@@ -768,6 +768,58 @@ def synapse_train(
                       f"{last.get('train_tok_s', 0):.0f} tok/s" + (f"; {vitals}" if vitals else ""))
 
 
+@synapse_app.command("eval")
+def synapse_eval(
+    run: Path = typer.Argument(..., help="A run folder made by birdbone synapse train."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text to score (default: the run's held-out tenth)."),
+    windows_limit: int = typer.Option(32, "--windows", help="Context windows scored for perplexity and calibration."),
+    trials: int = typer.Option(5, "--trials", help="Passkey trials per (length, depth); recall uses 10×."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Reliability diagram PNG (default: RUN/reliability.png)."),
+    as_json: bool = JSON_OPT,
+):
+    """Perplexity, passkeys inside and beyond the context (fast state carried across chunks),
+    calibration (ECE, 15 bins), associative recall and speed; deterministic release, weights hashed
+    before and after (unchanged)."""
+    from birdbone.synapse.evaluate import evaluate_run, reliability_plot
+
+    report = evaluate_run(run, text, windows_limit, trials)
+    report["plot"] = str(reliability_plot(report, plot or Path(run) / "reliability.png"))
+    if as_json:
+        emit_json({k: v for k, v in report.items() if k != "reliability"} | {"reliability": report["reliability"]})
+        return
+    out_console.print(f"{report['text']}: {report['tokens']:,} tokens, perplexity {report['ppl']:.2f}, top-1 {100 * report['top1_accuracy']:.1f} %, "
+                      f"ECE {report['ece']:.3f}, {report['infer_tok_s']:.0f} tok/s")
+    table = Table("length", "depth", "beyond context", "passkey accuracy", box=None, title="needle in a haystack")
+    for r in report["passkey"]:
+        table.add_row(str(r["length"]), f"{r['depth']:.1f}", "yes" if r["beyond_context"] else "no", f"{100 * r['accuracy']:.0f} %")
+    out_console.print(table)
+    out_console.print(f"associative recall {100 * report['recall_accuracy']:.0f} %; weights unchanged: {report['weights_unchanged']}; "
+                      f"reliability diagram: {report['plot']}")
+
+
+@synapse_app.command("sample")
+def synapse_sample(
+    run: Path = typer.Argument(..., help="A run folder made by birdbone synapse train."),
+    prompt: str = typer.Option("", "--prompt", help="Text to continue."),
+    n_tokens: int = typer.Option(64, "--tokens", help="Tokens to generate (greedy)."),
+    as_json: bool = JSON_OPT,
+):
+    """Continue a prompt greedily with a trained synaptic GPT (no KV cache: each step recomputes the
+    window exactly as training does)."""
+    from birdbone.synapse.evaluate import greedy, load_run, read_chunks
+    from birdbone.synapse.train import encode
+
+    r = load_run(run)
+    ids = encode(r.tok, prompt) if prompt else encode(r.tok, "\n")
+    last, carry = read_chunks(r.model, ids, r.cfg.seq)
+    new = greedy(r.model, last, n_tokens, carry)
+    text = r.tok.decode(new)
+    if as_json:
+        emit_json({"prompt": prompt, "completion": text, "tokens": new, "vitals": r.model.vitals()})
+    else:
+        print(prompt + text)
+
+
 # -- generate / chat --------------------------------------------------------------------------
 @app.command()
 def generate(

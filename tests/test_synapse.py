@@ -156,7 +156,17 @@ RUN_SETS = ["--set", "steps=8", "--set", "vocab=300", "--set", "batch=2", "--set
             "--set", "model.rank_eligibility=4", "--set", "eval_every=4", "--set", "eval_windows=2", "--set", "checkpoint_every=2"]
 
 
-def test_training_resumes_after_kill_9_to_the_same_bytes(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tests.test_cli import birdbone
+
+    straight = tmp_path_factory.mktemp("syn") / "straight"
+    r = json.loads(birdbone("synapse", "train", "-o", straight, *RUN_SETS, "--json").stdout)
+    assert r["step"] == 8 and r["val_ppl"] > 0 and {"calcium_mean", "rrp_mean", "fast_state_norm"} <= set(r)
+    return straight
+
+
+def test_training_resumes_after_kill_9_to_the_same_bytes(tiny_run, tmp_path):
     import os
     import signal
     import subprocess
@@ -165,9 +175,7 @@ def test_training_resumes_after_kill_9_to_the_same_bytes(tmp_path):
 
     from tests.test_cli import birdbone
 
-    straight = tmp_path / "straight"
-    r = json.loads(birdbone("synapse", "train", "-o", straight, *RUN_SETS, "--json").stdout)
-    assert r["step"] == 8 and r["val_ppl"] > 0 and {"calcium_mean", "rrp_mean", "fast_state_norm"} <= set(r)
+    straight = tiny_run
     killed = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "birdbone", "synapse", "train", "-o", str(killed), *RUN_SETS], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
@@ -202,3 +210,30 @@ def test_bad_training_requests(tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("a different text\n" * 400)
     assert "another text" in error("synapse", "train", "-o", run, "--text", other, *RUN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")
+
+
+def test_eval_and_sample_leave_the_weights_alone(tiny_run, tmp_path):
+    from tests.test_cli import birdbone
+
+    before = (tiny_run / "model.safetensors").read_bytes()
+    r = json.loads(birdbone("synapse", "eval", tiny_run, "--windows", "2", "--trials", "1", "--plot", tmp_path / "rel.png", "--json").stdout)
+    assert r["weights_unchanged"] is True and r["ppl"] > 1 and 0 <= r["ece"] <= 1 and len(r["reliability"]) == 15
+    assert sum(b["count"] for b in r["reliability"]) == r["tokens"]
+    assert len(r["passkey"]) == 12 and {p["beyond_context"] for p in r["passkey"]} == {True, False}
+    assert 0 <= r["recall_accuracy"] <= 1 and (tmp_path / "rel.png").read_bytes()[:4] == b"\x89PNG"
+    s = json.loads(birdbone("synapse", "sample", tiny_run, "--prompt", "ROMEO:", "--tokens", "5", "--json").stdout)
+    assert len(s["tokens"]) == 5 and s["vitals"]["fast_state_norm"] >= 0
+    assert (tiny_run / "model.safetensors").read_bytes() == before
+
+
+def test_fast_state_carries_across_chunks(trained_plain):
+    model = with_switches(trained_plain, hebbian=True).eval()
+    x = tokens(128, 1, seed=11)
+    with torch.no_grad():
+        model(x[:, :64])
+        carry = model.carry()
+        fresh, _ = model(x[:, 64:])
+        carried, _ = model(x[:, 64:], carry=carry)
+        again, _ = model(x[:, 64:])
+    assert len(carry) == model.cfg.n_layer and not torch.allclose(fresh, carried)
+    assert torch.equal(fresh, again)  # a carry is used once: the next call starts fresh

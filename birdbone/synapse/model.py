@@ -263,6 +263,8 @@ class FastWeights(nn.Module):
         self.post = nn.Linear(cfg.n_embd, r, bias=False)  # Q (its weight, r × d, maps back out too)
         self.gain = nn.Parameter(torch.ones(()))  # g
         self.last: dict[str, float] = {}
+        self.start = None  # a carried state (m, e, latch, drive sum, tokens seen) for the next forward only
+        self.final = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -279,12 +281,14 @@ class FastWeights(nn.Module):
         pre_dir = pre / pre.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         post_dir = post / post.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         # activity: the token's MLP drive relative to the sequence's causal running mean of it
+        start, self.start = self.start, None
+        if start is None:  # a new sequence: the fast state starts empty
+            zeros = torch.zeros(B, r, r, device=h.device, dtype=h.dtype)
+            start = (zeros, zeros, torch.zeros(B, device=h.device, dtype=h.dtype), torch.zeros(B, device=h.device, dtype=h.dtype), 0)
+        m, e, latch, drive_sum, seen = start
         drive = h.pow(2).mean(-1).sqrt()  # (B, T)
-        running = drive.cumsum(1) / torch.arange(1, T + 1, device=h.device, dtype=h.dtype)
+        running = (drive_sum[:, None] + drive.cumsum(1)) / (seen + torch.arange(1, T + 1, device=h.device, dtype=h.dtype))
         activity = torch.tanh(drive / running.clamp(min=1e-12))
-        m = torch.zeros(B, r, r, device=h.device, dtype=h.dtype)  # fast state, reset at the sequence's start
-        e = torch.zeros_like(m)
-        latch = torch.zeros(B, device=h.device, dtype=h.dtype)
         out = []
         for t in range(T):
             out.append(torch.einsum("br,brs->bs", pre[:, t], m))  # token t reads the state of tokens before it
@@ -300,6 +304,7 @@ class FastWeights(nn.Module):
         fast = torch.stack(out, dim=1) @ self.post.weight  # (B, T, d): (P h)ᵀ M Q
         self.last = {"fast_state_norm": float(m.detach().flatten(1).norm(dim=-1).mean()), "latch_mean": float(latch.detach().mean())}
         self.state = m.detach()
+        self.final = (m.detach(), e.detach(), latch.detach(), (drive_sum + drive.sum(1)).detach(), seen + T)
         return self.gain * fast
 
     def fast_matrix(self, b: int = 0) -> torch.Tensor:
@@ -355,8 +360,16 @@ class SynapticGPT(nn.Module):
         if isinstance(m, FastWeights):
             m.reset_parameters()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, carry: list | None = None):
+        """Logits (and the loss with ``targets``). ``carry``: the fast states of a previous chunk of the
+        same sequences (from :meth:`carry`), to go on where it stopped; None starts each sequence fresh."""
         B, T = idx.shape
+        fast = [block.mlp.fast for block in self.layers if block.mlp.fast is not None]
+        if carry is not None:
+            if len(carry) != len(fast):
+                raise ValueError(f"carry holds {len(carry)} fast states, the model has {len(fast)}")
+            for f, c in zip(fast, carry):
+                f.start = c
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}")
         cos, sin = rotary(self.cfg.head_dim, T, self.cfg.rope_theta, idx.device)
@@ -366,6 +379,10 @@ class SynapticGPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return logits, loss
+
+    def carry(self) -> list:
+        """The fast states at the end of the last forward pass, to hand to the next chunk."""
+        return [block.mlp.fast.final for block in self.layers if block.mlp.fast is not None]
 
     def vitals(self) -> dict[str, float]:
         """Means over layers of what the mechanisms reported in the last forward pass."""

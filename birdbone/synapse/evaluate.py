@@ -1,0 +1,208 @@
+"""Evaluating a synapse run: perplexity, passkeys, calibration, associative recall, speed.
+
+Everything runs in eval mode (deterministic release) with the per-sequence fast state on, and
+the trained weights are hashed before and after: no evaluation may change them. Text longer
+than the context is read in chunks with the fast state carried from one chunk to the next — the
+only memory that reaches beyond the attention window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from birdbone.io.errors import InputError
+from birdbone.synapse.model import SynapticGPT
+from birdbone.synapse.train import TrainConfig, encode, load_tokenizer, load_weights, read_config, recall_text, split_text
+
+ECE_BINS = 15
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    cfg: TrainConfig
+    model: SynapticGPT
+    tok: object
+    text_name: str
+
+
+def load_run(run: str | Path) -> LoadedRun:
+    import json
+
+    run = Path(run)
+    cfg = read_config(run)
+    if not (run / "model.safetensors").exists():
+        raise InputError(run, "has no checkpoint yet (model.safetensors)")
+    model = SynapticGPT(cfg.model)
+    load_weights(run, model)
+    return LoadedRun(run, cfg, model.eval(), load_tokenizer(run), json.loads((run / "config.json").read_text())["text"]["name"])
+
+
+def weights_hash(model: SynapticGPT) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def windows(ids: np.ndarray, seq: int, limit: int) -> list[np.ndarray]:
+    n = min(limit, (len(ids) - 1) // seq)
+    return [ids[i * seq : i * seq + seq + 1] for i in range(n)]
+
+
+@torch.no_grad()
+def perplexity_and_calibration(model: SynapticGPT, ids: np.ndarray, seq: int, limit: int) -> dict:
+    """Token-weighted perplexity over consecutive windows, and top-1 calibration (15 bins)."""
+    nll, n_tok = 0.0, 0
+    conf_all, hit_all = [], []
+    t0 = time.perf_counter()
+    for w in windows(ids, seq, limit):
+        x = torch.from_numpy(w[None, :].astype(np.int64))
+        logits, _ = model(x[:, :-1])
+        logp = torch.log_softmax(logits[0].float(), dim=-1)
+        target = x[0, 1:]
+        nll -= float(logp.gather(1, target[:, None]).sum())
+        n_tok += len(target)
+        conf, pred = logp.exp().max(dim=-1)
+        conf_all.append(conf.numpy())
+        hit_all.append((pred == target).numpy())
+    seconds = time.perf_counter() - t0
+    conf, hit = np.concatenate(conf_all), np.concatenate(hit_all)
+    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, ECE_BINS - 1)
+    bins = []
+    ece = 0.0
+    for b in range(ECE_BINS):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(float(hit[sel].mean()) - float(conf[sel].mean()))
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int(sel.sum()),
+                     "confidence": float(conf[sel].mean()) if sel.any() else None, "accuracy": float(hit[sel].mean()) if sel.any() else None})
+    return {"ppl": math.exp(nll / max(n_tok, 1)), "tokens": n_tok, "ece": float(ece), "top1_accuracy": float(hit.mean()),
+            "reliability": bins, "infer_tok_s": n_tok / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def greedy(model: SynapticGPT, ids: np.ndarray, n_new: int, carry: list | None = None) -> list[int]:
+    """Greedy continuation of ``ids`` (at most one window) from a carried fast state; no cache: every
+    step recomputes the window, exactly as training computes it."""
+    seq = model.cfg.block_size
+    out = list(map(int, ids))
+    new = []
+    for _ in range(n_new):
+        x = torch.tensor([out[-seq:]], dtype=torch.long)
+        logits, _ = model(x, carry=carry)
+        new.append(int(logits[0, -1].argmax()))
+        out.append(new[-1])
+    return new
+
+
+@torch.no_grad()
+def read_chunks(model: SynapticGPT, ids: np.ndarray, chunk: int) -> tuple[np.ndarray, list | None]:
+    """Read all but the last chunk of ``ids`` to build the fast state; returns the last chunk and the state."""
+    carry = None
+    cut = max(0, ((len(ids) - 1) // chunk) * chunk)
+    for s in range(0, cut, chunk):
+        model(torch.from_numpy(ids[None, s : s + chunk].astype(np.int64)), carry=carry)
+        carry = model.carry() or None
+    return ids[cut:], carry
+
+
+def passkey(run: LoadedRun, corpus: np.ndarray, lengths: list[int], depths: list[float], trials: int, seed: int = 0) -> list[dict]:
+    """Needle in a haystack: a passkey at a depth of a filler text of a given length, asked for at
+    the end. Lengths beyond the context are read in chunks with the fast state carried."""
+    rng = np.random.default_rng(seed)
+    tok, model, seq = run.tok, run.model, run.cfg.seq
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            hits = 0
+            for _ in range(trials):
+                key = str(int(rng.integers(10000, 100000)))
+                needle = encode(tok, f" The passkey is {key}. Remember it. ")
+                question = encode(tok, " What is the passkey? The passkey is ")
+                n_fill = max(0, length - len(needle) - len(question))
+                s = int(rng.integers(0, len(corpus) - n_fill - 1))
+                fill = corpus[s : s + n_fill]
+                at = int(depth * n_fill)
+                ids = np.concatenate([fill[:at], needle, fill[at:], question])
+                last, carry = read_chunks(model, ids, seq)
+                answer = tok.decode(greedy(model, last, len(encode(tok, key)) + 1, carry))
+                hits += answer.strip().startswith(key)
+            rows.append({"length": length, "depth": depth, "beyond_context": length > seq, "accuracy": hits / trials, "trials": trials})
+    return rows
+
+
+def associative_recall(run: LoadedRun, corpus: np.ndarray, trials: int, seed: int = 1) -> float:
+    """Key–value lists queried at the end (the training mix's kind, fresh keys): exact answers."""
+    rng = np.random.default_rng(seed)
+    hits = 0
+    done = 0
+    while done < trials:
+        context, answer = recall_text(rng, "")
+        if "=" not in context:  # the generator also makes passkeys; only key–value lists count here
+            continue
+        ids = encode(run.tok, context)[-run.cfg.seq:]
+        got = run.tok.decode(greedy(run.model, ids, len(encode(run.tok, answer)) + 1))
+        hits += got.strip().startswith(answer)
+        done += 1
+    return hits / trials
+
+
+def evaluate_run(run_dir: str | Path, text: str | Path | None = None, windows_limit: int = 32, trials: int = 5) -> dict:
+    """Every measure of a run on its held-out text (or on ``text``)."""
+    from birdbone.io.text import load_text
+
+    run = load_run(run_dir)
+    before = weights_hash(run.model)
+    body, name = load_text(Path(text) if text else None)
+    held = encode(run.tok, split_text(body, run.cfg.holdout)[1] if text is None else body)
+    seq = run.cfg.seq
+    report = {"run": str(run.path), "text": name, **perplexity_and_calibration(run.model, held, seq, windows_limit)}
+    report["passkey"] = passkey(run, held, [seq // 2, seq, 2 * seq, 4 * seq], [0.1, 0.5, 0.9], trials)
+    inside = [r["accuracy"] for r in report["passkey"] if not r["beyond_context"]]
+    beyond = [r["accuracy"] for r in report["passkey"] if r["beyond_context"]]
+    report["passkey_inside"] = float(np.mean(inside)) if inside else None
+    report["passkey_beyond"] = float(np.mean(beyond)) if beyond else None
+    report["recall_accuracy"] = associative_recall(run, held, 10 * trials)
+    import json
+
+    metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    report["train_tok_s"] = metrics[-1].get("train_tok_s") if metrics else None
+    report["moe"] = None  # the mixture of experts is not built yet
+    report["weights_unchanged"] = weights_hash(run.model) == before
+    if not report["weights_unchanged"]:
+        raise AssertionError("an evaluation changed trained weights")
+    return report
+
+
+def reliability_plot(report: dict, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in report["reliability"] if b["count"]]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    ax.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=1 / ECE_BINS, alpha=0.6, edgecolor="k", label="accuracy")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="C1", label="bin confidence")
+    ax.set_xlabel("top-1 confidence")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(f"reliability (ECE {report['ece']:.3f})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    from birdbone.io.atomic import atomic_path
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(out)
