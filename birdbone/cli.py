@@ -755,9 +755,10 @@ def synapse_train(
     hebbian) and every biological parameter (see birdbone/synapse/model.py, SynapticConfig).
     """
     from birdbone.io.config import load_config
-    from birdbone.synapse.train import TrainConfig, train
+    from birdbone.synapse.train import TrainConfig, read_config, train
 
-    cfg = load_config(TrainConfig, config, sets)
+    # an existing run goes on with its own config unless one is given
+    cfg = read_config(out) if (out / "config.json").exists() and config is None and not sets else load_config(TrainConfig, config, sets)
     with progress_bar() as cb:
         last = train(out, text, cfg, cb)
     if as_json:
@@ -766,6 +767,26 @@ def synapse_train(
     vitals = ", ".join(f"{k} {v:.3g}" for k, v in last.items() if k not in ("step", "loss", "lr", "val_loss", "val_ppl", "train_tok_s"))
     out_console.print(f"{out}: step {last.get('step')}, loss {last.get('loss', float('nan')):.3f}, held-out ppl {last.get('val_ppl', float('nan')):.2f}, "
                       f"{last.get('train_tok_s', 0):.0f} tok/s" + (f"; {vitals}" if vitals else ""))
+
+
+@synapse_app.command("enable")
+def synapse_enable(
+    run: Path = typer.Argument(..., help="A run folder made by birdbone synapse train (typically a plain model)."),
+    out: Path = typer.Option(..., "-o", "--out", help="New run folder."),
+    sets: List[str] = SET_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Turn a checkpoint synaptic: --set model.presynaptic=true / model.hebbian=true / model.stochastic=true.
+    New parameters start neutral (gains 0: the model computes what it did); train on with
+    birdbone synapse train -o OUT --text (the same text)."""
+    from birdbone.synapse.train import enable
+
+    res = enable(run, out, sets)
+    if as_json:
+        emit_json(res)
+    else:
+        out_console.print(f"wrote {res['out']}: {len(res['new_parameters'])} new parameters at neutral values; "
+                          f"train on with: birdbone synapse train -o {res['out']} --text TEXT")
 
 
 @synapse_app.command("eval")
@@ -818,6 +839,45 @@ def synapse_sample(
         emit_json({"prompt": prompt, "completion": text, "tokens": new, "vitals": r.model.vitals()})
     else:
         print(prompt + text)
+
+
+@synapse_app.command("chat")
+def synapse_chat(
+    run: Path = typer.Argument(..., help="A run folder made by birdbone synapse train."),
+    n_tokens: int = typer.Option(48, "--tokens", help="Most tokens per reply (a reply also ends at a blank line)."),
+):
+    """Talk to a synaptic GPT in the terminal. The whole transcript is its input, read in chunks with
+    the fast state carried, so what its synapses learned persists across turns. /reset starts over,
+    /vitals shows calcium, pools and fast-weight norms, /quit leaves."""
+    import numpy as np
+
+    from birdbone.synapse.evaluate import greedy, load_run, read_chunks
+    from birdbone.synapse.train import encode
+
+    r = load_run(run)
+    history = np.zeros(0, dtype=np.int64)
+    out_console.print(f"[dim]{run}: {r.cfg.model.n_layer} layers, presynaptic {r.cfg.model.presynaptic}, hebbian {r.cfg.model.hebbian}. "
+                      "/reset, /vitals, /quit[/dim]")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() == "/quit":
+            break
+        if line.strip() == "/reset":
+            history = np.zeros(0, dtype=np.int64)
+            out_console.print("[dim]state cleared[/dim]")
+            continue
+        if line.strip() == "/vitals":
+            v = r.model.vitals()
+            out_console.print(", ".join(f"{k} {x:.3g}" for k, x in v.items()) or "no synaptic mechanisms in this model")
+            continue
+        history = np.concatenate([history, encode(r.tok, line + "\n")])
+        last, carry = read_chunks(r.model, history, r.cfg.seq)
+        reply = r.tok.decode(greedy(r.model, last, n_tokens, carry)).split("\n\n")[0]
+        print(reply.strip())
+        history = np.concatenate([history, encode(r.tok, reply + "\n")])
 
 
 # -- generate / chat --------------------------------------------------------------------------

@@ -151,9 +151,10 @@ def test_degenerate_configs_are_refused(bad, msg):
 
 
 # -- training runs ---------------------------------------------------------------------------------------
-RUN_SETS = ["--set", "steps=8", "--set", "vocab=300", "--set", "batch=2", "--set", "seq=32", "--set", "model.n_layer=1", "--set", "model.n_embd=32",
-            "--set", "model.intermediate=48", "--set", "model.presynaptic=true", "--set", "model.hebbian=true", "--set", "model.stochastic=true",
-            "--set", "model.rank_eligibility=4", "--set", "eval_every=4", "--set", "eval_windows=2", "--set", "checkpoint_every=2"]
+PLAIN_SETS = ["--set", "steps=8", "--set", "vocab=300", "--set", "batch=2", "--set", "seq=32", "--set", "model.n_layer=1", "--set", "model.n_embd=32",
+              "--set", "model.intermediate=48", "--set", "model.rank_eligibility=4", "--set", "eval_every=4", "--set", "eval_windows=2",
+              "--set", "checkpoint_every=2"]
+RUN_SETS = [*PLAIN_SETS, "--set", "model.presynaptic=true", "--set", "model.hebbian=true", "--set", "model.stochastic=true"]
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +205,12 @@ def test_bad_training_requests(tmp_path):
     assert "tau_c" in error("synapse", "train", "-o", tmp_path / "a", "--set", "model.tau_c=0")
     assert "top_k" in error("synapse", "train", "-o", tmp_path / "a", "--set", "model.top_k=9")
     run = tmp_path / "run"
-    birdbone("synapse", "train", "-o", run, *RUN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")
-    assert "another config" in error("synapse", "train", "-o", run, *RUN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1",
+    birdbone("synapse", "train", "-o", run, *PLAIN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")
+    assert "another config" in error("synapse", "train", "-o", run, *PLAIN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1",
                                      "--set", "lr=0.001")
     other = tmp_path / "other.txt"
     other.write_text("a different text\n" * 400)
-    assert "another text" in error("synapse", "train", "-o", run, "--text", other, *RUN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")
+    assert "another text" in error("synapse", "train", "-o", run, "--text", other, *PLAIN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")
 
 
 def test_eval_and_sample_leave_the_weights_alone(tiny_run, tmp_path):
@@ -237,3 +238,34 @@ def test_fast_state_carries_across_chunks(trained_plain):
         again, _ = model(x[:, 64:])
     assert len(carry) == model.cfg.n_layer and not torch.allclose(fresh, carried)
     assert torch.equal(fresh, again)  # a carry is used once: the next call starts fresh
+
+
+def test_enable_turns_a_plain_run_synaptic_without_changing_what_it_computes(tmp_path):
+    from tests.test_cli import birdbone
+
+    from birdbone.synapse.evaluate import load_run
+
+    plain = tmp_path / "plain"
+    birdbone("synapse", "train", "-o", plain, *PLAIN_SETS, "--set", "steps=2")
+    bio = tmp_path / "bio"
+    r = json.loads(birdbone("synapse", "enable", plain, "-o", bio, "--set", "model.presynaptic=true", "--set", "model.hebbian=true", "--json").stdout)
+    assert any(".presynaptic." in n for n in r["new_parameters"]) and any(".fast." in n for n in r["new_parameters"])
+    a, b = load_run(plain), load_run(bio)
+    assert b.cfg.model.presynaptic and b.cfg.model.hebbian and not a.cfg.model.presynaptic
+    x = torch.tensor([[5, 9, 30, 2, 7, 7, 7, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(a.model(x)[0], b.model(x)[0], atol=1e-5, rtol=1e-5)
+    birdbone("synapse", "train", "-o", bio)  # trains on from the warm start with the saved config
+    assert json.loads((bio / "state.json").read_text())["step"] == 2
+    p = birdbone("synapse", "enable", plain, "-o", tmp_path / "x", "--set", "lr=1", check=False)
+    assert p.returncode == 2 and "only the switches" in p.stderr
+
+
+def test_chat_keeps_state_and_answers_commands(tiny_run):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "birdbone", "synapse", "chat", str(tiny_run), "--tokens", "4"], input="hello there\n/vitals\n/reset\nagain\n/quit\n",
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "calcium_mean" in p.stdout and "fast_state_norm" in p.stdout and "state cleared" in p.stdout

@@ -46,6 +46,8 @@ class SynapticConfig:
     * P_primed = 1 − exp(−(t − j + 1)/``tau_prime``): the key's vesicles dock when the token
       arrives and become primed over ``tau_prime`` tokens.
     * complexin: a learned clamp per head (initialised at 0) that holds back release.
+    * a learned gain per head on the bias (initialised at 1; ``synapse enable`` starts it at 0,
+      so a plain checkpoint turned synaptic computes what it computed before).
     * release P = σ(3·Syt + 2·P_primed − 2·complexin) · σ(L); W_eff = min(P, RRP); the pool
       refills as RRP ← RRP − W_eff + (1 − RRP)/``tau_rrp``; the logit gains
       max(log W_eff, −``depletion_bound``).
@@ -67,7 +69,7 @@ class SynapticConfig:
     a = tanh(RMS(h_t) / causal running mean of RMS(h)): it self-excites once high (hysteresis),
     stays shut under weak drive and opens under sustained activity. η is
     ``hebb_eta``, times (1 + ``bdnf_gamma`` · a) when BDNF is on (``bdnf_gamma`` > 0). g is a
-    trained scalar per layer (initialised at 1).
+    trained scalar per layer (initialised at 1; 0 after ``synapse enable``).
 
     Structural (``moe=True``, not built yet): ``experts`` experts, ``top_k`` routed per token,
     energy tax ``energy_cost_rel`` per forward, split above health ``split_health_min``, router
@@ -198,6 +200,7 @@ class PresynapticState(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.complexin = nn.Parameter(torch.zeros(cfg.n_head))
+        self.gain = nn.Parameter(torch.ones(cfg.n_head))  # per head; 0 turns depletion off (``synapse enable``)
         self.last: dict[str, float] = {}
 
     def forward(self, logits: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
@@ -226,7 +229,7 @@ class PresynapticState(nn.Module):
             rrp = rrp - w + (1.0 - rrp) / cfg.tau_rrp
         w_eff = torch.stack(released, dim=2)
         self.last = {"calcium_mean": float(calcium.detach()[causal.expand_as(calcium)].mean()), "rrp_mean": float(rrp.detach().mean())}
-        return torch.log(w_eff + 1e-12).clamp(min=-cfg.depletion_bound)
+        return self.gain.view(1, H, 1, 1) * torch.log(w_eff + 1e-12).clamp(min=-cfg.depletion_bound)
 
 
 class Attention(nn.Module):
@@ -379,6 +382,14 @@ class SynapticGPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return logits, loss
+
+    def neutralize_new(self, names: set[str]) -> None:
+        """Set the mechanisms' gains among parameters ``names`` to 0: the model then computes exactly
+        what the plain one did, and training decides how much of each mechanism to use."""
+        with torch.no_grad():
+            for n, p in self.named_parameters():
+                if n in names and n.endswith(".gain"):
+                    p.zero_()
 
     def carry(self) -> list:
         """The fast states at the end of the last forward pass, to hand to the next chunk."""

@@ -31,6 +31,7 @@ from birdbone.synapse.model import SynapticConfig, SynapticGPT
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 SPECIALS = ("<|endoftext|>",)
+SWITCHES = ("model.presynaptic", "model.stochastic", "model.hebbian")
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,9 @@ def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progr
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
-    if (run / "state.json").exists():
+    if not (run / "state.json").exists() and (run / "model.safetensors").exists():
+        load_weights(run, model)  # a warm start (synapse enable): weights yes, optimizer fresh
+    elif (run / "state.json").exists():
         load_weights(run, model)
         load_optimizer(run, opt)
         step = json.loads((run / "state.json").read_text())["step"]
@@ -322,3 +325,45 @@ def _log(run: Path, writer, metrics: dict) -> None:
             if k != "step" and isinstance(v, (int, float)):
                 writer.add_scalar(k, v, metrics["step"])
 
+
+
+def enable(run: str | Path, out: str | Path, sets: list[str]) -> dict:
+    """A new run folder whose model is ``run``'s checkpoint with mechanisms switched on (``sets``:
+    model.presynaptic=true ...): the new parameters start where the model computes what the plain
+    one did (gains at 0); ``synapse train -o OUT`` then trains on from there."""
+    import shutil
+
+    from birdbone.io.config import config_dict, config_from_dict
+
+    run, out = Path(run), Path(out)
+    cfg = read_config(run)
+    if not (run / "model.safetensors").exists():
+        raise InputError(run, "has no checkpoint to enable")
+    if out.exists():
+        raise InputError(out, "exists; enable writes a new run folder")
+    data = config_dict(cfg)
+    for item in sets:
+        key, _, value = item.partition("=")
+        if key.strip() not in SWITCHES:
+            raise InputError(run, f"enable takes only the switches {', '.join(SWITCHES)}, not {key.strip()!r}")
+        data["model"][key.strip().split(".", 1)[1]] = value.strip()
+    new_cfg = config_from_dict(TrainConfig, data, "--set")
+    plain = SynapticGPT(cfg.model)
+    load_weights(run, plain)
+    model = SynapticGPT(new_cfg.model)
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    if unexpected:
+        raise InputError(run, f"its checkpoint has parameters the new model lacks ({unexpected[:2]}): switching mechanisms off is not enable's job")
+    model.neutralize_new(set(missing))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(run / "tokenizer.json", tmp / "tokenizer.json")
+    text = json.loads((run / "config.json").read_text())["text"]
+    (tmp / "config.json").write_text(json.dumps({"train": config_dict(new_cfg), "text": text, "enabled_from": str(run)}, indent=1) + "\n")
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight" or not new_cfg.model.tie_embeddings},
+              str(tmp / "model.safetensors"))
+    tmp.rename(out)
+    return {"out": str(out), "new_parameters": sorted(missing)}
