@@ -1,0 +1,193 @@
+"""The living transformer against a plain GPT: each mechanism alone, all together, same budget.
+
+Variants (``birdbone synapse train`` runs): ``plain``; ``presynaptic`` (deterministic depletion);
+``stochastic`` (depletion with stochastic release in training); ``hebbian`` (fast weights);
+``all`` (everything built). The mixture of experts is not built yet and is not in the matrix.
+Every variant starts within ±2 % of the plain model's parameters (the MLP width of the variants
+with fast weights is narrowed to pay for their projections) and sees the same tokens
+(steps × batch × seq). Per corpus (tinyshakespeare, wikitext-2 valid — each with its own
+tokenizer, trained on its own training part) and seed, every run is evaluated on its held-out
+tenth with ``synapse eval``: perplexity, ECE, passkeys inside and beyond the context, associative
+recall, train and inference tokens/s. Differences are paired by (corpus, seed) against plain, with
+a 95 % t interval over the pairs.
+
+    python benchmarks/synapse_ablation.py [--seeds 0,1,2] [--steps 300] [--variants plain,all,...] [--corpora shakespeare,wikitext]
+
+Writes benchmarks/results/synapse_ablation.{json,md}; run folders go to results/work/synapse/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = REPO.parent / "shared" / "data"
+WORK = HERE / "results" / "work" / "synapse"
+OUT = HERE / "results" / "synapse_ablation"
+CORPORA = {"shakespeare": DATA / "tinyshakespeare" / "input.txt", "wikitext": DATA / "wikitext-2-tok" / "valid.txt"}
+VARIANTS = {
+    "plain": {},
+    "presynaptic": {"presynaptic": True},
+    "stochastic": {"presynaptic": True, "stochastic": True},
+    "hebbian": {"hebbian": True},
+    "all": {"presynaptic": True, "stochastic": True, "hebbian": True},
+}
+METRICS = ("ppl", "ece", "passkey_inside", "passkey_beyond", "recall_accuracy", "train_tok_s", "infer_tok_s")
+log = logging.getLogger("synapse_ablation")
+
+
+def n_params(model_cfg) -> int:
+    from birdbone.synapse.model import SynapticGPT
+
+    return sum(p.numel() for p in SynapticGPT(model_cfg).parameters())
+
+
+def matched(base, switches: dict):
+    """The variant's model config, its MLP narrowed (in steps of 8) until its parameter count is
+    within 2 % of the plain model's (or as close as it gets)."""
+    from dataclasses import replace
+
+    target = n_params(base)
+    cfg = replace(base, **switches)
+    best = cfg
+    for width in range(base.intermediate, 7, -8):
+        c = replace(cfg, intermediate=width)
+        if abs(n_params(c) / target - 1) < abs(n_params(best) / target - 1):
+            best = c
+        if n_params(c) <= target:
+            break
+    return best
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % t interval of paired differences."""
+    from statistics import mean, stdev
+
+    n = len(diffs)
+    m = mean(diffs)
+    if n < 2:
+        return m, float("nan"), float("nan")
+    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(n, 1.96)
+    half = t * stdev(diffs) / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def run_one(corpus: str, variant: str, seed: int, args) -> dict:
+    from birdbone.io.config import config_dict, config_from_dict
+    from birdbone.synapse.evaluate import evaluate_run
+    from birdbone.synapse.model import SynapticConfig
+    from birdbone.synapse.train import TrainConfig, train
+
+    base = SynapticConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads, intermediate=args.intermediate, block_size=args.seq)
+    model_cfg = matched(base, VARIANTS[variant])
+    data = config_dict(TrainConfig(model=model_cfg, steps=args.steps, batch=args.batch, seq=args.seq, vocab=args.vocab, seed=seed,
+                                   eval_every=max(1, args.steps // 4), checkpoint_every=max(1, args.steps // 10)))
+    cfg = config_from_dict(TrainConfig, data)
+    folder = Path(args.work) / f"{corpus}-{variant}-s{seed}"
+    t0 = time.time()
+    train(folder, CORPORA[corpus], cfg)
+    train_s = time.time() - t0
+    report = evaluate_run(folder, None, args.eval_windows, args.trials)
+    return {"corpus": corpus, "variant": variant, "seed": seed, "params": n_params(model_cfg), "intermediate": model_cfg.intermediate,
+            "train_seconds": round(train_s, 1), **{k: report[k] for k in METRICS}, "passkey": report["passkey"]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per variant: mean of each metric, and the paired difference against plain with a 95 % interval."""
+    out = {}
+    plain = {(r["corpus"], r["seed"]): r for r in runs if r["variant"] == "plain"}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        rows = [r for r in runs if r["variant"] == variant]
+        entry = {"runs": len(rows), "params": sorted({r["params"] for r in rows})}
+        for k in METRICS:
+            vals = [r[k] for r in rows if r[k] is not None]
+            entry[k] = sum(vals) / len(vals) if vals else None
+            diffs = [r[k] - plain[(r["corpus"], r["seed"])][k] for r in rows
+                     if (r["corpus"], r["seed"]) in plain and r[k] is not None and plain[(r["corpus"], r["seed"])][k] is not None]
+            if variant != "plain" and diffs:
+                entry[f"{k}_diff"] = t_interval(diffs)
+        out[variant] = entry
+    return out
+
+
+def markdown(res: dict) -> str:
+    s = res["summary"]
+    lines = [f"`{res['command']}` · {res['budget']}", "",
+             "| variant | params | ppl | Δppl [95 % CI] | ECE | passkey in | passkey beyond | recall | train tok/s | infer tok/s |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    for variant, e in s.items():
+        d = e.get("ppl_diff")
+        ci = f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]" if d else "–"
+        lines.append(f"| {variant} | {'/'.join(f'{p:,}' for p in e['params'])} | {f(e['ppl'], '.2f')} | {ci} | {f(e['ece'], '.3f')} | "
+                     f"{f(e['passkey_inside'], '.2f')} | {f(e['passkey_beyond'], '.2f')} | {f(e['recall_accuracy'], '.2f')} | "
+                     f"{f(e['train_tok_s'], '.0f')} | {f(e['infer_tok_s'], '.0f')} |")
+    plain = s.get("plain", {})
+    if plain and plain.get("train_tok_s") and s.get("all", {}).get("train_tok_s"):
+        lines += ["", f"Time per training token, all mechanisms vs plain: {plain['train_tok_s'] / s['all']['train_tok_s']:.2f}× (goal of the fused-kernel issue: ≤ 1.3×)."]
+    chance = res.get("chance", {})
+    lines += ["", f"Chance levels: recall {chance.get('recall', 0):.2f}, passkey {chance.get('passkey', 0):.4f}. "
+              + ("The plain model beats chance on recall and passkeys: the comparison counts." if res.get("plain_beats_chance")
+                 else "The plain model does **not** beat chance on recall and passkeys at this budget: memory comparisons do not count yet.")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpora", default="shakespeare,wikitext")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=352)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--work", default=str(WORK), help="run folders (a run with the same config resumes)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    res = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"runs": []}
+    done = {(r["corpus"], r["variant"], r["seed"]) for r in res["runs"]}
+    for corpus in args.corpora.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            for variant in args.variants.split(","):
+                if (corpus, variant, seed) in done:
+                    continue
+                r = run_one(corpus, variant, seed, args)
+                log.info("%s %s seed %d: ppl %.2f, recall %.2f, passkey in %.2f / beyond %.2f, %.0f tok/s", corpus, variant, seed, r["ppl"],
+                         r["recall_accuracy"], r["passkey_inside"] or 0, r["passkey_beyond"] or 0, r["train_tok_s"] or 0)
+                res["runs"].append(r)
+                res.update({"command": "python benchmarks/synapse_ablation.py " + " ".join(sys.argv[1:]), "args": vars(args),
+                            "budget": f"{args.steps} steps × {args.batch} × {args.seq} tokens = {args.steps * args.batch * args.seq:,} tokens per run",
+                            "machine": {"python": platform.python_version(), "torch": torch.__version__}})
+                res["summary"] = summarize(res["runs"])
+                plain = res["summary"].get("plain", {})
+                res["chance"] = {"recall": 1 / 90, "passkey": 1 / 90000}  # two-digit values; five-digit keys
+                res["plain_beats_chance"] = bool(plain.get("recall_accuracy", 0) > 3 * res["chance"]["recall"]
+                                                 and (plain.get("passkey_inside") or 0) > 3 * res["chance"]["passkey"])
+                out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+                out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
