@@ -9,6 +9,7 @@ and healing text ../shared/data/wikitext-2-tok/valid.txt):
 * ``wanda-rigl``     Wanda, healing, RigL regrowth of 5 % per wave
 * ``wanda-2:4``      Wanda, 2:4 reached progressively
 * ``wanda-alpha``    Wanda with per-tensor densities allocated from the map's α (only with --configs)
+* ``healed-parent``  the control for healing itself: no pruning, the first wave's healing steps
 * ``oneshot``        the baseline a user would pick instead: Wanda one-shot to each checkpoint density,
                      then the same total number of healing steps the ``wanda`` trajectory had spent
                      by then, in one go
@@ -92,47 +93,76 @@ def trajectory(name: str, extra: list[str], parent: Path, args) -> dict:
     return {"config": extra, "waves": len(metrics) - 1, "seconds": round(time.time() - t0, 1), "points": points}
 
 
-def oneshot(parent: Path, wanda: dict, args) -> dict:
-    """Wanda one-shot to each checkpoint density, then as many healing steps as the waves spent."""
+def heal_and_score(m, parent: Path, names: list[str], weights: dict, tokens, steps: int, out: Path, args) -> dict:
+    """Heal masked weights for ``steps`` steps (one go), export as F16 and score in llama.cpp."""
     from birdbone.bridge import load_causal_lm
     from birdbone.bridge.to_gguf import write_like
-    from birdbone.io.model_file import open_model
-    from birdbone.io.runtime import LlamaRuntime
-    from birdbone.measure.usage import read_profile
     from birdbone.remodel.heal import HealConfig, heal, set_weights
     from birdbone.remodel.history import lora_product
+
+    lm = load_causal_lm(parent)
+    set_weights(lm, weights)
+    healed = heal(lm, names, tokens, HealConfig(steps=max(1, steps), seed=args.seed)) if steps else None
+    tensors = {n: (lambda n=n: m.tensor(n)) for n in m.tensors}
+    for n, (w, mask) in weights.items():
+        if healed:
+            w = np.where(mask, w + lora_product(*healed.lora[n]), np.float32(0)).astype(np.float32)
+        tensors[n] = w
+    write_like(m, out, tensors, "F16")
+    try:
+        return score_file(out, parent, args)
+    finally:
+        out.unlink()
+
+
+def calibration(parent: Path):
+    from birdbone.io.runtime import LlamaRuntime
+
+    calib = (WORK / "wanda" / "calibration.txt").read_text(encoding="utf-8")  # the waves' own calibration part
+    with LlamaRuntime(parent, n_ctx=64) as rt:
+        return rt.tokenize(calib, add_special=False)
+
+
+def oneshot(parent: Path, wanda: dict, args) -> dict:
+    """Wanda one-shot to each checkpoint density, then as many healing steps as the waves spent."""
+    from birdbone.io.model_file import open_model
+    from birdbone.measure.usage import read_profile
     from birdbone.remodel.masks import one_shot, score
     from birdbone.remodel.prune import prunable
 
     usage = read_profile(WORK / "wanda" / "usage")  # the same calibration profile as the waves
-    calib = (WORK / "wanda" / "calibration.txt").read_text(encoding="utf-8")
+    tokens = calibration(parent)
     points = []
     with open_model(parent) as m:
         names = prunable(m, ("skeleton", "organ"))
-        with LlamaRuntime(parent, n_ctx=64) as rt:
-            tokens = rt.tokenize(calib, add_special=False)
         for p in wanda["points"]:
             t0 = time.time()
-            lm = load_causal_lm(parent)
             weights = {}
             for n in names:
                 w = m.tensor(n)
                 mask = one_shot(score("wanda", w, importance=usage.importance(n)), p["density"])
                 weights[n] = (np.where(mask, w, np.float32(0)).astype(np.float32), mask)
-            set_weights(lm, weights)
-            healed = heal(lm, names, tokens, HealConfig(steps=max(1, p["heal_steps"]), seed=args.seed)) if p["heal_steps"] else None
-            out = WORK / f"oneshot-{p['target']:.1f}.gguf"
-            tensors = {n: (lambda n=n: m.tensor(n)) for n in m.tensors}
-            for n, (w, mask) in weights.items():
-                if healed:
-                    w = np.where(mask, w + lora_product(*healed.lora[n]), np.float32(0)).astype(np.float32)
-                tensors[n] = w
-            write_like(m, out, tensors, "F16")
+            scored = heal_and_score(m, parent, names, weights, tokens, p["heal_steps"], WORK / f"oneshot-{p['target']:.1f}.gguf", args)
             points.append({"target": p["target"], "density": float(np.mean([mk.mean() for _, mk in weights.values()])),
-                           "heal_steps": p["heal_steps"], "seconds": round(time.time() - t0, 1), **score_file(out, parent, args)})
-            out.unlink()
+                           "heal_steps": p["heal_steps"], "seconds": round(time.time() - t0, 1), **scored})
             log.info("oneshot at %.1f: ppl %.3f, KLD %.4f", p["target"], points[-1]["ppl"], points[-1]["kld"])
     return {"config": ["wanda one-shot + the waves' healing steps"], "points": points}
+
+
+def healed_parent(parent: Path, wanda: dict, args) -> dict:
+    """The control for healing's own effect: the unpruned parent, healed as long as the first wave was."""
+    from birdbone.io.model_file import open_model
+    from birdbone.remodel.prune import prunable
+
+    steps = wanda["points"][0]["heal_steps"]
+    t0 = time.time()
+    with open_model(parent) as m:
+        names = prunable(m, ("skeleton", "organ"))
+        weights = {n: (m.tensor(n).astype(np.float32), np.ones(m.tensors[n].shape, dtype=bool)) for n in names}
+        scored = heal_and_score(m, parent, names, weights, calibration(parent), steps, WORK / "healed-parent.gguf", args)
+    point = {"target": 1.0, "density": 1.0, "heal_steps": steps, "seconds": round(time.time() - t0, 1), **scored}
+    log.info("healed parent (%d steps): ppl %.3f, KLD %.4f", steps, point["ppl"], point["kld"])
+    return {"config": [f"no pruning, {steps} healing steps (the first wave's, reinforcement included)"], "points": [point]}
 
 
 def markdown(res: dict) -> str:
@@ -141,18 +171,25 @@ def markdown(res: dict) -> str:
              f"parent F16 ppl {res['parent_ppl']:.3f} · healing {res['args']['heal_steps']} steps of 4×128 tokens in the first wave, tapering.", "",
              "| trajectory | " + " | ".join(f"{d:.0%}" for d in CHECKPOINTS) + " | wall time to 50 % |", "|---|" + "---:|" * (len(CHECKPOINTS) + 1)]
     for name, t in res["trajectories"].items():
+        if name == "healed-parent":
+            continue
         by = {p["target"]: p for p in t["points"]}
         cells = [f"{by[d]['ppl']:.2f} ({by[d]['kld']:.3f}) @{by[d]['density']:.2f}" if d in by else "–" for d in CHECKPOINTS]
         last = by.get(0.5)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {last['seconds'] / 60:.0f} min |" if last else f"| {name} | " + " | ".join(cells) + " | – |")
     lines += ["", "Cells: perplexity (KLD vs the F16 parent) @ the density actually reached (the wave closest to the column's). The 2:4 trajectory only reaches 50 %; its earlier columns are "
               "intermediate waves on the way to 2:4.", ""]
+    hp = res["trajectories"].get("healed-parent")
+    if hp:
+        p = hp["points"][0]
+        lines += [f"Healing alone (no pruning, {p['heal_steps']} steps on the calibration text): ppl {p['ppl']:.2f} (KLD {p['kld']:.3f}) — "
+                  "what healing on wikitext does to an instruct model by itself.", ""]
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join([*(t for t in TRAJECTORIES if t != "wanda-alpha"), "oneshot"]))
+    ap.add_argument("--configs", default=",".join([*(t for t in TRAJECTORIES if t != "wanda-alpha"), "oneshot", "healed-parent"]))
     ap.add_argument("--heal-steps", type=int, default=20)
     ap.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens the guardrail scores per wave (torch)")
     ap.add_argument("--calibration-tokens", type=int, default=4096)
@@ -173,10 +210,10 @@ def main() -> int:
                 "machine": {"python": platform.python_version(), "cpu_count": len(__import__("os").sched_getaffinity(0))}})
     res.setdefault("trajectories", {})
     for name in args.configs.split(","):
-        if name == "oneshot":
+        if name in ("oneshot", "healed-parent"):
             if "wanda" not in res["trajectories"]:
-                raise SystemExit("oneshot needs the wanda trajectory first (its healing-step counts and profile)")
-            res["trajectories"]["oneshot"] = oneshot(parent, res["trajectories"]["wanda"], args)
+                raise SystemExit(f"{name} needs the wanda trajectory first (its healing-step counts and profile)")
+            res["trajectories"][name] = (oneshot if name == "oneshot" else healed_parent)(parent, res["trajectories"]["wanda"], args)
         else:
             res["trajectories"][name] = trajectory(name, TRAJECTORIES[name], parent, args)
         res["parent_ppl"] = next(iter(next(iter(res["trajectories"].values()))["points"]), {}).get("parent_ppl")
