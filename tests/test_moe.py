@@ -30,24 +30,38 @@ def test_routing_matches_a_hand_computation():
 
 
 def test_an_expert_that_never_helps_goes_bankrupt_and_is_merged_with_moments_kept():
+    from birdbone.synapse.moe import contributions
+
     L = layer(1)
     with torch.no_grad():
         L.down[3].zero_()
         L.gate[3].zero_()
     opt = torch.optim.Adam(L.parameters(), lr=3e-3)
     W = torch.randn(16, 16)
-    for step in range(120):
+    probe = torch.randn(128, 16)
+
+    def probe_loss():
+        return float(((L(probe) - torch.tanh(probe @ W)) ** 2).mean())
+
+    for step in range(1, 61):
         x = torch.randn(64, 16)
         loss = ((L(x) - torch.tanh(x @ W)) ** 2).mean()
         opt.zero_grad()
         loss.backward()
-        L.account()
         for p in (L.down, L.gate, L.up):
             p.grad[3] = 0  # expert 3 stays useless
         opt.step()
-    assert float(L.energy[3]) < -L.meta.bankrupt_energy and 3 in L.wants()[1]
+        if step % 10 == 0:
+            L.eval()
+            L.assess(contributions(L, probe_loss))
+            L.train()
+            L.protect.sub_(1).clamp_(min=0)
+            if step < 30:  # the grace period: nobody is judged on the first rounds
+                assert step > 10 or not L.wants()[1]
+    assert float(L.energy[3]) < -L.meta.bankrupt_energy and L.wants()[1] == [3]
+    assert all(float(L.energy[e]) > 0 for e in range(3)) and 0 < float(L.health.max()) <= 1
     survivors_moments = {int(L.ids[i]): opt.state[L.down]["exp_avg"][i].clone() for i in range(3)}
-    events = surgery(L, opt, 120)
+    events = surgery(L, opt, 60)
     assert [e["event"] for e in events] == ["merge"] and events[0]["dead"] == 3 and L.experts == 3
     into = next(i for i in range(3) if int(L.ids[i]) == events[0]["into"])
     for i in range(3):

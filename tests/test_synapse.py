@@ -143,7 +143,7 @@ def test_no_forward_pass_changes_a_trained_weight(trained_plain):
 
 
 @pytest.mark.parametrize("bad, msg", [({"tau_c": 0.0}, "tau_c"), ({"tau_rrp": -1.0}, "tau_rrp"), ({"top_k": 5, "experts": 4}, "top_k"),
-                                      ({"stochastic_mode": "coin"}, "stochastic_mode"), ({"moe": True}, "not built yet"),
+                                      ({"stochastic_mode": "coin"}, "stochastic_mode"), ({"moe": True, "experts": 9}, "max_experts"),
                                       ({"n_embd": 66}, "heads")])
 def test_degenerate_configs_are_refused(bad, msg):
     with pytest.raises(ValueError, match=msg):
@@ -154,7 +154,8 @@ def test_degenerate_configs_are_refused(bad, msg):
 PLAIN_SETS = ["--set", "steps=8", "--set", "vocab=300", "--set", "batch=2", "--set", "seq=32", "--set", "model.n_layer=1", "--set", "model.n_embd=32",
               "--set", "model.intermediate=48", "--set", "model.rank_eligibility=4", "--set", "eval_every=4", "--set", "eval_windows=2",
               "--set", "checkpoint_every=2"]
-RUN_SETS = [*PLAIN_SETS, "--set", "model.presynaptic=true", "--set", "model.hebbian=true", "--set", "model.stochastic=true"]
+RUN_SETS = [*PLAIN_SETS, "--set", "model.presynaptic=true", "--set", "model.hebbian=true", "--set", "model.stochastic=true",
+            "--set", "model.moe=true", "--set", "model.splitmerge_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,8 @@ def test_training_resumes_after_kill_9_to_the_same_bytes(tiny_run, tmp_path):
         assert (killed / f).read_bytes() == (straight / f).read_bytes(), f
     rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 9))
+    # the metabolism ran in both, changed the expert counts, and logged the same lineage
+    assert (killed / "lineage.jsonl").read_text() == (straight / "lineage.jsonl").read_text() != ""
 
 
 def test_bad_training_requests(tmp_path):

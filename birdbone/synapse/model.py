@@ -13,8 +13,8 @@ trained weight during a forward pass:
   and again is depleted, so attention moves on. Training runs the same scan as generation.
 * ``hebbian``: fast weights in the MLP's output projection, a per-sequence state that grows
   from pre/post co-activity through eligibility traces, gated by a bistable CaMKII/PP1 latch.
-* ``moe``: the energy-driven mixture of experts that splits and merges — not built yet (a
-  config with ``moe=True`` is refused with a clear error).
+* ``moe``: the energy-driven mixture of experts that splits and merges
+  (:mod:`birdbone.synapse.moe`; the metabolism runs in training, see ``synapse/train.py``).
 """
 
 from __future__ import annotations
@@ -71,9 +71,15 @@ class SynapticConfig:
     ``hebb_eta``, times (1 + ``bdnf_gamma`` · a) when BDNF is on (``bdnf_gamma`` > 0). g is a
     trained scalar per layer (initialised at 1; 0 after ``synapse enable``).
 
-    Structural (``moe=True``, not built yet): ``experts`` experts, ``top_k`` routed per token,
-    energy tax ``energy_cost_rel`` per forward, split above health ``split_health_min``, router
-    contrastive push ``router_contrastive_push``, split/merge every ``splitmerge_every`` steps.
+    Structural (``moe=True``, :mod:`birdbone.synapse.moe`): the MLP becomes ``experts`` SwiGLU
+    experts of width intermediate / experts (the dense MLP's parameters, shared out), ``top_k``
+    routed per token (over families: twins keep their parent's place). Every ``splitmerge_every``
+    training steps a metabolism round books each expert's leave-one-out contribution on a probe
+    batch as income against the tax ``energy_cost_rel``, updates health (a running mean of the
+    NeuroScore rank), splits a healthy (≥ ``split_health_min``) overloaded expert into twins
+    (router rows pushed apart by ``router_contrastive_push``), merges a bankrupt one into its
+    nearest neighbour, up to ``max_experts``. With ``hebbian`` the fast weights sit on the layer's
+    output (A: d × d).
     """
 
     vocab_size: int = 4096
@@ -118,6 +124,7 @@ class SynapticConfig:
     experts: int = 4
     top_k: int = 2
     splitmerge_every: int = 100
+    max_experts: int = 8
 
     def __post_init__(self):
         for name in ("tau_c", "tau_rrp", "tau_buf", "tau_prime", "latch_tau", "stochastic_tau", "syt_fast_kd", "alpha_ca", "rope_theta", "norm_eps"):
@@ -135,8 +142,10 @@ class SynapticConfig:
             raise ValueError(f"top_k {self.top_k} must be in [1, experts = {self.experts}]")
         if self.depletion_bound <= 0 or self.fast_rel_max <= 0 or self.bdnf_gamma < 0 or self.hebb_eta < 0:
             raise ValueError("depletion_bound and fast_rel_max must be > 0, bdnf_gamma and hebb_eta ≥ 0")
-        if self.moe:
-            raise ValueError("moe: the energy-driven mixture of experts is not built yet; set moe=false")
+        if self.moe and not self.top_k <= self.experts <= self.max_experts:
+            raise ValueError(f"experts {self.experts} must be in [top_k = {self.top_k}, max_experts = {self.max_experts}]")
+        if self.splitmerge_every < 1 or not 0.0 <= self.split_health_min <= 1.0 or self.energy_cost_rel < 0:
+            raise ValueError("splitmerge_every ≥ 1, split_health_min in [0, 1], energy_cost_rel ≥ 0")
 
     @property
     def head_dim(self) -> int:
@@ -258,11 +267,11 @@ class Attention(nn.Module):
 class FastWeights(nn.Module):
     """The per-sequence fast state of one MLP output projection: y_fast_t = g · (P h_t)ᵀ M_{t−1} Q."""
 
-    def __init__(self, cfg: SynapticConfig):
+    def __init__(self, cfg: SynapticConfig, in_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
         r = cfg.rank_eligibility
-        self.pre = nn.Linear(cfg.intermediate, r, bias=False)  # P
+        self.pre = nn.Linear(in_dim or cfg.intermediate, r, bias=False)  # P
         self.post = nn.Linear(cfg.n_embd, r, bias=False)  # Q (its weight, r × d, maps back out too)
         self.gain = nn.Parameter(torch.ones(()))  # g
         self.last: dict[str, float] = {}
@@ -316,17 +325,32 @@ class FastWeights(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU, or (``moe``) the synaptic mixture of experts; fast weights on the output with ``hebbian``."""
+
     def __init__(self, cfg: SynapticConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate, bias=False)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate, cfg.n_embd, bias=False)
-        self.fast = FastWeights(cfg) if cfg.hebbian else None
+        self.experts = None
+        if cfg.moe:
+            from birdbone.synapse.moe import ExpertLayer, Metabolism
+
+            meta = Metabolism(energy_cost_rel=cfg.energy_cost_rel, split_health_min=cfg.split_health_min,
+                              router_contrastive_push=cfg.router_contrastive_push, max_experts=cfg.max_experts, min_experts=cfg.top_k)
+            self.experts = ExpertLayer(cfg.n_embd, max(8, cfg.intermediate // cfg.experts), cfg.experts, cfg.top_k, meta)
+        else:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate, bias=False)
+            self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate, bias=False)
+            self.down_proj = nn.Linear(cfg.intermediate, cfg.n_embd, bias=False)
+        self.fast = FastWeights(cfg, cfg.n_embd if cfg.moe else cfg.intermediate) if cfg.hebbian else None
 
     def forward(self, x):
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        y = self.down_proj(h)
-        return y if self.fast is None else y + self.fast(h, y, self.down_proj.weight.detach().norm())
+        if self.experts is not None:
+            h, y = x, self.experts(x)
+            slow = self.experts.down.detach().flatten(1).norm(dim=1).mean() if self.fast is not None else None
+        else:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            y = self.down_proj(h)
+            slow = self.down_proj.weight.detach().norm() if self.fast is not None else None
+        return y if self.fast is None else y + self.fast(h, y, slow)
 
 
 class Block(nn.Module):
@@ -395,9 +419,24 @@ class SynapticGPT(nn.Module):
         """The fast states at the end of the last forward pass, to hand to the next chunk."""
         return [block.mlp.fast.final for block in self.layers if block.mlp.fast is not None]
 
+    def expert_layers(self) -> list:
+        return [block.mlp.experts for block in self.layers if block.mlp.experts is not None]
+
+    def fit_experts(self, state: dict) -> None:
+        """Resize every expert layer to a checkpoint's expert counts (splits and merges change them)."""
+        from birdbone.synapse.moe import fit_shapes
+
+        for i, block in enumerate(self.layers):
+            if block.mlp.experts is not None:
+                fit_shapes(block.mlp.experts, state, f"layers.{i}.mlp.experts.")
+
     def vitals(self) -> dict[str, float]:
         """Means over layers of what the mechanisms reported in the last forward pass."""
         sums: dict[str, list[float]] = {}
+        for layer in self.expert_layers():
+            sums.setdefault("energy_mean", []).append(float(layer.energy.mean()))
+            sums.setdefault("experts", []).append(float(layer.experts))
+            sums.setdefault("health_max", []).append(float(layer.health.max()))
         for block in self.layers:
             for part in (block.self_attn.presynaptic, block.mlp.fast):
                 for k, v in (part.last if part is not None else {}).items():

@@ -2,14 +2,16 @@
 
 :class:`ExpertLayer` routes each token to its top-k of E experts (stacked weights, a linear
 router with a bias) — top-k over families, so that twins share their parent's place (see
-:meth:`ExpertLayer.routing`). During training every expert keeps an account, updated after each backward
-pass by :meth:`ExpertLayer.account`:
+:meth:`ExpertLayer.routing`). Every training step it observes each expert's share of the routing
+mass (load) and mean routed input; every metabolism round (:meth:`ExpertLayer.assess`) it books:
 
-* contribution — how much the loss would rise without the expert, to first order:
-  c_e = −Σ_tokens ⟨∂L/∂y_e, y_e⟩ (y_e the expert's output before gating; ∂L/∂y_e carries the gate);
-* energy — income minus a tax, smoothed: E_e ← (1 − λ)E_e + λ(income_e − 1 − ``energy_cost_rel``),
-  income_e = E · c_e / Σ|c| (1 for an expert that pulls its weight), λ = 1/``energy_tau``; an
-  expert below −``bankrupt_energy`` is bankrupt;
+* contribution — how much the probe loss rises when the expert's output is left out (leave-one-
+  expert-out on a fixed probe batch; a first-order estimate −⟨∂L/∂y_e, y_e⟩ was tried and measured
+  to average towards zero as training converges, starving useful experts too);
+* energy — income minus a tax, smoothed over rounds: E_e ← (1 − λ)E_e + λ(income_e −
+  ``break_even`` − ``energy_cost_rel``), income_e = E · c_e / Σ|c| capped at 2 (1 for the average
+  expert): an expert earning under half the average loses energy, and below −``bankrupt_energy``
+  (after a grace period of ``protect_intervals`` rounds, which twins get too) it is bankrupt;
 * NeuroScore — the mean of three ranks among the experts (each in [0, 1]): efficiency
   (contribution per routed token), specialization (1 − cos(mean input routed to it, mean input of
   all tokens)) and resilience (1 / variance of its contribution); health is its running mean, so
@@ -24,12 +26,6 @@ expert into its nearest neighbour (cosine of mean routed inputs), averaging thei
 Both return the index map old → new, which :func:`remap_optimizer` uses to keep Adam's moments
 with the weights they belong to.
 
-Status: the mechanics are built and tested (routing, accounts, splits within tolerance, merges,
-optimizer state), but the layer is not wired into :class:`SynapticGPT` yet (``moe=True`` is still
-refused). Measured on a toy regression: the first-order contribution averages towards zero as
-training converges, so useful experts' energy drifts negative too (about −0.6 after 300 steps
-against −1.0 for a dead expert): before the switch is opened the income must come from a
-leave-one-expert-out loss on a probe batch instead.
 """
 
 from __future__ import annotations
@@ -45,8 +41,10 @@ from torch import nn
 @dataclass(frozen=True)
 class Metabolism:
     energy_cost_rel: float = 0.015
-    energy_tau: float = 50.0
-    bankrupt_energy: float = 0.5
+    energy_tau: float = 50.0  # steps: the running load and mean routed input
+    round_rate: float = 0.5  # weight of the newest metabolism round in energy and health
+    bankrupt_energy: float = 0.4
+    break_even: float = 0.5  # income (1 = the average expert's contribution) at which energy holds
     split_health_min: float = 0.80
     overload: float = 1.5  # load share above overload / E counts as overloaded
     router_contrastive_push: float = 0.1
@@ -70,11 +68,12 @@ class ExpertLayer(nn.Module):
         self.router_bias = nn.Parameter(torch.zeros(experts))
         for name in ("energy", "health", "load", "contrib", "contrib_var", "protect"):
             self.register_buffer(name, torch.zeros(experts))
+        self.protect.fill_(metabolism.protect_intervals)  # a grace period: no expert is judged on its first rounds
         self.register_buffer("mean_in", torch.zeros(experts, d))
         self.register_buffer("ids", torch.arange(experts))
         self.register_buffer("family", torch.arange(experts))  # twins share their parent's family
         self.register_buffer("next_id", torch.tensor(experts))
-        self._captured: list = []
+        self.left_out: int | None = None  # an expert whose output is dropped (leave-one-out probes)
 
     @property
     def experts(self) -> int:
@@ -99,47 +98,41 @@ class ExpertLayer(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.d)
         weight = self.routing(flat)
+        if self.training:
+            self.observe(flat.detach(), weight.detach())
         out = torch.zeros_like(flat)
-        capture = self.training and torch.is_grad_enabled()
-        self._captured = []
-        self._tokens = flat.shape[0]
         for e in range(self.experts):
             rows = (weight[:, e] > 0).nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
+            if rows.numel() == 0 or e == self.left_out:
                 continue
             xe = flat[rows]
             y = F.linear(F.silu(F.linear(xe, self.gate[e])) * F.linear(xe, self.up[e]), self.down[e])
-            if capture:
-                y.retain_grad()
-                self._captured.append((e, rows, y, xe.detach(), weight[rows, e].detach()))
             out.index_add_(0, rows, weight[rows, e, None] * y)
         return out.reshape(shape)
 
     @torch.no_grad()
-    def account(self) -> None:
-        """Update every expert's account from the last training forward and its backward pass."""
-        m = self.meta
-        E = self.experts
-        n_tokens = max(1, getattr(self, "_tokens", 1))
-        contrib = torch.zeros(E)
-        load = torch.zeros(E)
-        sum_in = torch.zeros(E, self.d)
-        for e, rows, y, xe, w in self._captured:
-            if y.grad is not None:
-                contrib[e] = -(y.grad * y).sum()
-            load[e] = w.sum() / n_tokens  # shares of the routing mass: they sum to 1 over experts
-            sum_in[e] = (w[:, None] * xe).sum(0)
-        self._captured = []
-        lam = 1.0 / m.energy_tau
-        income = E * contrib / contrib.abs().sum().clamp(min=1e-12)
-        self.energy.mul_(1 - lam).add_(lam * (income - 1.0 - m.energy_cost_rel))
+    def observe(self, flat: torch.Tensor, weight: torch.Tensor) -> None:
+        """Every training step: each expert's share of the routing mass and its mean routed input."""
+        lam = 1.0 / self.meta.energy_tau
+        load = weight.sum(0) / max(flat.shape[0], 1)
         self.load.mul_(1 - lam).add_(lam * load)
-        delta = contrib - self.contrib
+        routed = load > 0
+        mean = (weight.t() @ flat) / weight.sum(0).clamp(min=1e-12)[:, None]
+        self.mean_in[routed] = (1 - lam) * self.mean_in[routed] + lam * mean[routed]
+
+    @torch.no_grad()
+    def assess(self, contribution: torch.Tensor) -> None:
+        """One metabolism round: ``contribution`` is each expert's leave-one-out loss rise on a probe
+        batch (positive: the model needs it). Income E·c_e/Σ|c| is 1 for an expert that pulls its
+        weight; energy and health are running means over rounds (rate ``round_rate``)."""
+        m, E = self.meta, self.experts
+        c = contribution.to(self.energy.dtype)
+        income = (E * c / c.abs().sum().clamp(min=1e-12)).clamp(max=2.0)
+        lam = m.round_rate
+        self.energy.mul_(1 - lam).add_(lam * (income - m.break_even - m.energy_cost_rel))
+        delta = c - self.contrib
         self.contrib.add_(lam * delta)
         self.contrib_var.mul_(1 - lam).add_(lam * delta * delta)
-        routed = load > 0
-        new_mean = sum_in / (load * n_tokens).clamp(min=1e-12)[:, None]
-        self.mean_in[routed] = (1 - lam) * self.mean_in[routed] + lam * new_mean[routed]
         self.health.mul_(1 - lam).add_(lam * self.neuro_score())
 
     def neuro_score(self) -> torch.Tensor:
@@ -163,6 +156,28 @@ class ExpertLayer(nn.Module):
         split.sort(key=lambda e: -float(self.load[e]))
         broke.sort(key=lambda e: float(self.energy[e]))
         return split[:1], broke[:1]
+
+
+@torch.no_grad()
+def contributions(layer: ExpertLayer, probe_loss) -> torch.Tensor:
+    """Leave-one-expert-out: how much ``probe_loss()`` rises when each expert's output is dropped."""
+    base = probe_loss()
+    out = torch.zeros(layer.experts)
+    try:
+        for e in range(layer.experts):
+            layer.left_out = e
+            out[e] = probe_loss() - base
+    finally:
+        layer.left_out = None
+    return out
+
+
+def fit_shapes(layer: ExpertLayer, state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Give the layer as many experts as a checkpoint's ``prefix``-ed tensors hold (before loading it)."""
+    n = state[prefix + "gate"].shape[0]
+    if n != layer.experts:
+        _resize(layer, {name: torch.zeros((n, *getattr(layer, name).shape[1:]), dtype=getattr(layer, name).dtype)
+                        for name in (*STACKED, *ACCOUNTS)})
 
 
 def _resize(layer: ExpertLayer, tensors: dict[str, torch.Tensor]) -> None:

@@ -165,6 +165,7 @@ def load_weights(run: Path, model: SynapticGPT) -> None:
     state = load_file(str(run / "model.safetensors"))
     if model.cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.fit_experts(state)  # splits and merges change the expert counts
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InputError(run, f"checkpoint does not fit its config (missing {missing[:2]}, unexpected {unexpected[:2]})")
@@ -240,19 +241,21 @@ def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progr
                                                      f"one window needs {cfg.seq + 2}")
     torch.manual_seed(cfg.seed)
     model = SynapticGPT(cfg.model)
+    resume = (run / "state.json").exists()
+    if (run / "model.safetensors").exists():  # a resume, or a warm start (synapse enable: optimizer fresh)
+        load_weights(run, model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     other = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
-    if not (run / "state.json").exists() and (run / "model.safetensors").exists():
-        load_weights(run, model)  # a warm start (synapse enable): weights yes, optimizer fresh
-    elif (run / "state.json").exists():
-        load_weights(run, model)
+    if resume:
         load_optimizer(run, opt)
         step = json.loads((run / "state.json").read_text())["step"]
-        _truncate_metrics(run, step)  # rows logged after the checkpoint will be logged again
+        for log_file in ("metrics.jsonl", "lineage.jsonl"):
+            _truncate_metrics(run, step, log_file)  # rows logged after the checkpoint will be logged again
         log.info("resuming %s at step %d", run, step)
+    probe = batch_at(10**9, cfg, tok, train_ids) if cfg.model.moe else None  # a fixed batch for the metabolism
     writer = _tensorboard(run)
     last: dict = {}
     t0, tokens_done = time.time(), 0
@@ -268,6 +271,10 @@ def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progr
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
+        if probe is not None and step % cfg.model.splitmerge_every == 0:
+            for event in metabolism_round(model, opt, probe, step, cfg.seed):
+                with open(run / "lineage.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(event) + "\n")
         tokens_done += x[:, 1:].numel()
         last = {"step": step, "loss": float(loss), "lr": cfg.lr_at(step - 1), **model.vitals(),
                 "train_tok_s": tokens_done / max(time.time() - t0, 1e-9)}
@@ -282,6 +289,38 @@ def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progr
     if writer:
         writer.close()
     return last
+
+
+def metabolism_round(model: SynapticGPT, opt: torch.optim.Optimizer, probe: torch.Tensor, step: int, seed: int,
+                     tolerance: float = 0.05) -> list[dict]:
+    """Book every expert's leave-one-out contribution on the probe batch, then split and merge."""
+    from birdbone.synapse.moe import contributions, surgery
+
+    layers = model.expert_layers()
+    was = model.training
+    model.eval()
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach().reshape(-1, mod.d)))
+             for i, layer in enumerate(layers)]
+
+    def probe_loss() -> float:
+        with torch.no_grad():
+            return float(model(probe[:, :-1], probe[:, 1:])[1])
+
+    try:
+        for layer in layers:
+            layer.assess(contributions(layer, probe_loss))
+        probe_loss()  # the layers' inputs on the probe, for the split check
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    events = []
+    gen = torch.Generator().manual_seed(seed * 7919 + step)
+    for i, layer in enumerate(layers):
+        for event in surgery(layer, opt, step, inputs[i], tolerance, gen):
+            events.append({"layer": i, **event})
+    return events
 
 
 def evaluate_loss(model: SynapticGPT, held: np.ndarray, cfg: TrainConfig) -> float:
@@ -304,8 +343,8 @@ def _tensorboard(run: Path):
     return SummaryWriter(str(run / "tb"))
 
 
-def _truncate_metrics(run: Path, step: int) -> None:
-    path = run / "metrics.jsonl"
+def _truncate_metrics(run: Path, step: int, name: str = "metrics.jsonl") -> None:
+    path = run / name
     if path.exists():
         rows = []
         for line in path.read_text(encoding="utf-8").splitlines():
