@@ -211,6 +211,9 @@ def test_bad_training_requests(tmp_path):
     birdbone("synapse", "train", "-o", run, *PLAIN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")
     assert "another config" in error("synapse", "train", "-o", run, *PLAIN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1",
                                      "--set", "lr=0.001")
+    (tmp_path / "user-folder").mkdir()
+    (tmp_path / "user-folder" / "notes.txt").write_text("mine")
+    assert "not a synapse run folder" in error("synapse", "train", "-o", tmp_path / "user-folder", *PLAIN_SETS)
     other = tmp_path / "other.txt"
     other.write_text("a different text\n" * 400)
     assert "another text" in error("synapse", "train", "-o", run, "--text", other, *PLAIN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")

@@ -215,6 +215,8 @@ def prepare(run: Path, text_path: Path | None, cfg: TrainConfig) -> TrainConfig:
         if saved["train"] != json.loads(json.dumps(want)):
             raise InputError(run, "this run was started with another config; use a new run folder")
         return read_config(run)
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise InputError(run, "exists and is not a synapse run folder; refusing to write into it")
     run.mkdir(parents=True, exist_ok=True)
     train_part, _ = split_text(body, cfg.holdout)
     tok = train_tokenizer(train_part, cfg.vocab)
