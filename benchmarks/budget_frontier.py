@@ -176,7 +176,7 @@ def run_subject(name: str, args) -> dict:
     if args.scaffold_mix:
         rows.append(scaffold_row(parent, usage, tokens, imatrix, work, args))
         log.info("%s %s: ppl %.3f KLD %.4f", name, rows[-1]["label"], rows[-1]["ppl"], rows[-1]["kld"])
-    return {"file": parent.name, "profile_seconds": round(profile_s, 1), "sensitivity_seconds": round(measure_s, 1),
+    return {"command": "python benchmarks/budget_frontier.py " + " ".join(sys.argv[1:]), "file": parent.name, "profile_seconds": round(profile_s, 1), "sensitivity_seconds": round(measure_s, 1),
             "notes": planner.notes, "rows": rows}
 
 
@@ -191,7 +191,7 @@ def markdown(res: dict) -> str:
     out = [f"`{res['command']}` · wiki.test.raw first {res['args']['tokens']} tokens, ctx 512, llama.cpp · plans and imatrix fitted on "
            "wikitext-2 valid.txt", ""]
     for name, sub in res["subjects"].items():
-        out += [f"### {name} ({sub['file']})", "",
+        out += [f"### {name} ({sub['file']})", "", f"`{sub.get('command', res['command'])}`", "",
                 f"Profile {sub['profile_seconds']:.0f} s, sensitivity (Fisher screen, held-out slice) {sub['sensitivity_seconds']:.0f} s. "
                 + " ".join(sub["notes"][1:]), "",
                 "| file | bytes | % of F16 | bpw | types | ppl | Δppl | KLD | top-1 | decode tok/s |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
