@@ -183,10 +183,9 @@ def run_subject(name: str, args) -> dict:
 
 
 def healing_tokens(parent: Path, calib: Path):
-    from birdbone.io.runtime import LlamaRuntime
+    from birdbone.io.runtime import tokenize_texts
 
-    with LlamaRuntime(parent, n_ctx=64) as rt:
-        return rt.tokenize(calib.read_text(encoding="utf-8"), add_special=False)
+    return tokenize_texts(parent, calib.read_text(encoding="utf-8"))[0]
 
 
 def markdown(res: dict) -> str:

@@ -116,11 +116,9 @@ def heal_and_score(m, parent: Path, names: list[str], weights: dict, tokens, ste
 
 
 def calibration(parent: Path):
-    from birdbone.io.runtime import LlamaRuntime
+    from birdbone.io.runtime import tokenize_texts
 
-    calib = (WORK / "wanda" / "calibration.txt").read_text(encoding="utf-8")  # the waves' own calibration part
-    with LlamaRuntime(parent, n_ctx=64) as rt:
-        return rt.tokenize(calib, add_special=False)
+    return tokenize_texts(parent, (WORK / "wanda" / "calibration.txt").read_text(encoding="utf-8"))[0]  # the waves' own calibration part
 
 
 def oneshot(parent: Path, wanda: dict, args) -> dict:

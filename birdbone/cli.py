@@ -679,7 +679,7 @@ def scaffold(
     from birdbone.io.config import config_dict, load_config
     from birdbone.io.model_file import open_model
     from birdbone.io.quantize import quantize_file
-    from birdbone.io.runtime import LlamaRuntime
+    from birdbone.io.runtime import tokenize_texts
     from birdbone.io.text import load_text
     from birdbone.remodel.budget import plan_source
     from birdbone.remodel.rewrite import export_weights
@@ -698,9 +698,7 @@ def scaffold(
             prof = make_profile(source, text, 4096, 512, progress=cb)
         else:
             prof = None
-        body, _ = load_text(text)
-        with LlamaRuntime(source, n_ctx=64) as rt:
-            tokens = rt.tokenize(body, add_special=False)
+        tokens, = tokenize_texts(source, load_text(text)[0])
         with open_model(source) as m:
             n_layers = int(m.meta(f"{m.architecture}.block_count", 0) or 0)
         res = run_scaffold(source, prof, tokens, cfg, parse_layers(layers, n_layers), cb)

@@ -228,6 +228,8 @@ def test_eval_and_sample_leave_the_weights_alone(tiny_run, tmp_path):
     assert sum(b["count"] for b in r["reliability"]) == r["tokens"]
     assert len(r["passkey"]) == 12 and {p["beyond_context"] for p in r["passkey"]} == {True, False}
     assert 0 <= r["recall_accuracy"] <= 1 and (tmp_path / "rel.png").read_bytes()[:4] == b"\x89PNG"
+    lineage = [json.loads(line) for line in (tiny_run / "lineage.jsonl").read_text().splitlines()]
+    assert r["moe"]["merge"] == sum(e["event"] == "merge" for e in lineage) and len(r["moe"]["experts"]) == 1
     s = json.loads(birdbone("synapse", "sample", tiny_run, "--prompt", "ROMEO:", "--tokens", "5", "--json").stdout)
     assert len(s["tokens"]) == 5 and s["vitals"]["fast_state_norm"] >= 0
     assert (tiny_run / "model.safetensors").read_bytes() == before

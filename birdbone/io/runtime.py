@@ -239,3 +239,9 @@ class LlamaRuntime:
             self.close()
         except Exception:
             pass
+
+
+def tokenize_texts(model: str | Path, *texts: str) -> list[np.ndarray]:
+    """Token ids of each text with ``model``'s vocabulary (no BOS), from one small llama.cpp context."""
+    with LlamaRuntime(model, n_ctx=64) as rt:
+        return [rt.tokenize(t, add_special=False) for t in texts]

@@ -429,7 +429,7 @@ class Planner:
              progress: Progress | None = None) -> "Planner":
         from birdbone.io.hashing import file_sha256
         from birdbone.io.model_file import open_model
-        from birdbone.io.runtime import LlamaRuntime
+        from birdbone.io.runtime import tokenize_texts
         from birdbone.io.text import load_text
         from birdbone.io.types import canonical
         from birdbone.measure.usage import read_profile
@@ -455,8 +455,7 @@ class Planner:
         if empty:
             raise BirdboneError(f"{empty[0]}: no type on the ladder is legal for its row width {shapes[empty[0]][-1]}")
         text_body, text_name = load_text(text)
-        with LlamaRuntime(source, n_ctx=64) as rt:
-            tokens = rt.tokenize(text_body, add_special=False)
+        tokens, = tokenize_texts(source, text_body)
         importance = {n: (usage.importance(n) if n in usage.in_sum2 else None) for n in names}
         sens = measure_sensitivity(source, tokens, names, importance, cfg.sensitivity, progress)
         notes = [f"sensitivity text: {text_name} ({len(tokens):,} tokens; the last {cfg.sensitivity.val_tokens} held out for exact checks)"]

@@ -44,7 +44,7 @@ from birdbone.io.config import config_dict
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import open_model, resolve_model_path
-from birdbone.io.runtime import LlamaRuntime
+from birdbone.io.runtime import tokenize_texts
 from birdbone.remodel.heal import HealConfig, heal, hidden_states, set_weights, token_batches
 from birdbone.remodel.history import DeltaHistory, WaveDelta, apply_wave, masked
 from birdbone.remodel.masks import ALLOCATIONS, MAX_WAVE, SCORES, allocate_densities, check_wave, parse_granularity, score, wave
@@ -337,9 +337,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
         usage = _usage(run, cfg, progress) if cfg.score != "magnitude" else None
         targets = _targets(run, cfg, m, names, progress)
         lm = load_causal_lm(run.source)
-        with LlamaRuntime(run.source, n_ctx=64) as rt:
-            tokens, held = (rt.tokenize((run.folder / f).read_text(encoding="utf-8"), add_special=False)
-                            for f in ("calibration.txt", "heldout.txt"))
+        tokens, held = tokenize_texts(run.source, *((run.folder / f).read_text(encoding="utf-8") for f in ("calibration.txt", "heldout.txt")))
         source_text = (run.folder / "text-source.txt").read_text(encoding="utf-8").strip()
         for part, toks in (("calibration part", tokens), ("held-out tenth", held)):
             need = max(cfg.heal.seq + 2, cfg.eval_ctx * 2 if part.startswith("held") else 0)

@@ -9,6 +9,7 @@ only memory that reaches beyond the attention window.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -34,8 +35,6 @@ class LoadedRun:
 
 
 def load_run(run: str | Path) -> LoadedRun:
-    import json
-
     run = Path(run)
     cfg = read_config(run)
     if not (run / "model.safetensors").exists():
@@ -157,6 +156,14 @@ def associative_recall(run: LoadedRun, corpus: np.ndarray, trials: int, seed: in
     return hits / trials
 
 
+def moe_summary(run: LoadedRun) -> dict:
+    """Experts per layer now, and how many splits, rejected splits and merges the lineage holds."""
+    lineage = run.path / "lineage.jsonl"
+    events = [json.loads(line) for line in lineage.read_text().splitlines() if line.strip()] if lineage.exists() else []
+    counts = {kind: sum(e["event"] == kind for e in events) for kind in ("split", "split rejected", "merge")}
+    return {"experts": [layer.experts for layer in run.model.expert_layers()], **counts}
+
+
 def evaluate_run(run_dir: str | Path, text: str | Path | None = None, windows_limit: int = 32, trials: int = 5) -> dict:
     """Every measure of a run on its held-out text (or on ``text``)."""
     from birdbone.io.text import load_text
@@ -173,11 +180,9 @@ def evaluate_run(run_dir: str | Path, text: str | Path | None = None, windows_li
     report["passkey_inside"] = float(np.mean(inside)) if inside else None
     report["passkey_beyond"] = float(np.mean(beyond)) if beyond else None
     report["recall_accuracy"] = associative_recall(run, held, 10 * trials)
-    import json
-
     metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     report["train_tok_s"] = metrics[-1].get("train_tok_s") if metrics else None
-    report["moe"] = None  # the mixture of experts is not built yet
+    report["moe"] = moe_summary(run) if run.cfg.model.moe else None
     report["weights_unchanged"] = weights_hash(run.model) == before
     if not report["weights_unchanged"]:
         raise AssertionError("an evaluation changed trained weights")

@@ -315,13 +315,12 @@ class FastWeights(nn.Module):
             m = m * (cfg.fast_rel_max * slow_norm / norm).clamp(max=1.0)[:, None, None]
         fast = torch.stack(out, dim=1) @ self.post.weight  # (B, T, d): (P h)ᵀ M Q
         self.last = {"fast_state_norm": float(m.detach().flatten(1).norm(dim=-1).mean()), "latch_mean": float(latch.detach().mean())}
-        self.state = m.detach()
         self.final = (m.detach(), e.detach(), latch.detach(), (drive_sum + drive.sum(1)).detach(), seen + T)
         return self.gain * fast
 
     def fast_matrix(self, b: int = 0) -> torch.Tensor:
         """A = Pᵀ M Q (d_ff × d) of batch row b after the last forward pass (rank ≤ rank_eligibility)."""
-        return (self.pre.weight.t() @ self.state[b] @ self.post.weight).detach()
+        return (self.pre.weight.t() @ self.final[0][b] @ self.post.weight).detach()
 
 
 class MLP(nn.Module):

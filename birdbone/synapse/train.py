@@ -199,12 +199,10 @@ def split_text(text: str, holdout: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def prepare(run: Path, text_path: Path | None, cfg: TrainConfig) -> TrainConfig:
+def prepare(run: Path, body: str, name: str, cfg: TrainConfig) -> TrainConfig:
     """Create the run folder (tokenizer, resolved config) or check that it holds this text and config."""
     from birdbone.io.config import config_dict
-    from birdbone.io.text import load_text
 
-    body, name = load_text(text_path)
     sha = hashlib.sha256(body.encode("utf-8")).hexdigest()
     config_path = run / "config.json"
     if config_path.exists():
@@ -234,9 +232,10 @@ def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progr
     from birdbone.io.text import load_text
 
     run = Path(run)
-    cfg = prepare(run, Path(text_path) if text_path else None, cfg)
+    body, name = load_text(Path(text_path) if text_path else None)
+    cfg = prepare(run, body, name, cfg)
     tok = load_tokenizer(run)
-    train_part, held_part = split_text(load_text(Path(text_path) if text_path else None)[0], cfg.holdout)
+    train_part, held_part = split_text(body, cfg.holdout)
     train_ids, held_ids = encode(tok, train_part), encode(tok, held_part)
     if len(train_ids) < cfg.seq + 2 or len(held_ids) < cfg.seq + 2:
         raise InputError(Path(text_path or "builtin"), f"too short: {len(train_ids)} training and {len(held_ids)} held-out tokens; "
