@@ -557,21 +557,36 @@ def prune(
 
 @app.command()
 def revert(
-    run_dir: Path = typer.Argument(..., help="A run folder made by birdbone prune."),
-    to_wave: int = typer.Option(..., "--to-wave", help="Wave to export (0 = the original model, bit for bit)."),
+    run_dir: Path = typer.Argument(..., help="A run folder made by birdbone prune or birdbone compress."),
+    to_wave: Optional[int] = typer.Option(None, "--to-wave", help="Wave to export (0 = the original model, bit for bit)."),
+    to_stage: Optional[str] = typer.Option(None, "--to-stage", help="compress runs: the float model after this stage (map, profile, waves, scaffold) "
+                                                                    "or the quantized one (export, verify)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output GGUF."),
-    out_type: str = typer.Option("F16", "--type", help="Type of the exported GGUF."),
+    out_type: str = typer.Option("F16", "--type", help="Type of the exported GGUF (--to-wave, and float stages)."),
     as_json: bool = JSON_OPT,
 ):
-    """Export the model as it was after any committed wave, replayed exactly from the run's history."""
+    """Export the model as it was after any committed wave, replayed exactly from the run's history,
+    or (compress runs) as it was after any stage."""
     from birdbone.remodel.prune import export
 
-    with progress_bar() as cb:
-        res = export(run_dir, out, to_wave, out_type, (lambda i, n: cb("export", i, n)) if cb else None)
+    if (to_wave is None) == (to_stage is None):
+        raise BirdboneError("give exactly one of --to-wave and --to-stage")
+    if to_stage is not None:
+        from birdbone.recipe.compress import revert_to_stage
+
+        res = revert_to_stage(run_dir, to_stage, out, out_type)
+    else:
+        from birdbone.recipe.compress import STATE
+
+        prune_dir = run_dir / "waves" if (run_dir / STATE).exists() and (run_dir / "waves").is_dir() else run_dir
+        with progress_bar() as cb:
+            res = export(prune_dir, out, to_wave, out_type, (lambda i, n: cb("export", i, n)) if cb else None)
     if as_json:
         emit_json(res)
-    else:
+    elif "density" in res:
         out_console.print(f"wrote {res['out']} (wave {res['wave']}, density {res['density']:.3f}, {res['type']})")
+    else:
+        out_console.print(f"wrote {res['out']} (after stage {res['stage']}, {res['type']})")
 
 
 @app.command()
@@ -729,6 +744,163 @@ def scaffold(
     for label, e in evaluations:
         out_console.print(f"[bold]{label}[/bold]")
         print_eval(e)
+
+
+# -- recipe / compress / diff -----------------------------------------------------------------
+recipe_app = typer.Typer(help="Recipes: one YAML runs the whole loop (map, profile, waves, scaffold, budget, export, verify).",
+                         no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+RECIPE_OPT = typer.Option(None, "-r", "--recipe", help="A shipped recipe (gentle, bird-bone) or a recipe YAML file (default: gentle).")
+
+
+@recipe_app.command("show")
+def recipe_show(
+    recipe: Optional[str] = typer.Argument(None, help="Shipped recipe name or YAML file (default: the built-in defaults of every stage)."),
+    sets: List[str] = SET_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Print a recipe with every default applied (no argument: the default of every key)."""
+    import yaml
+
+    from birdbone.io.config import load_config
+    from birdbone.recipe.config import Recipe, load_recipe
+
+    r = load_recipe(recipe, sets) if recipe else load_config(Recipe, None, sets)
+    if as_json:
+        emit_json(r.as_dict())
+    else:
+        print(yaml.safe_dump(r.as_dict(), sort_keys=False), end="")
+
+
+@recipe_app.command("check")
+def recipe_check(
+    recipe: str = typer.Argument(..., help="Shipped recipe name or YAML file."),
+    sets: List[str] = SET_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Validate a recipe without running it: keys, types, ranges, and that every guardrail can be evaluated."""
+    from birdbone.recipe.config import load_recipe, recipe_path, unused_sections
+
+    r = load_recipe(recipe, sets)
+    unused = unused_sections(r, sets)
+    if as_json:
+        emit_json({"recipe": str(recipe_path(recipe)), "name": r.name, "stages": list(r.stages), "sha256": r.sha256, "unused_sets": unused})
+        return
+    out_console.print(f"{recipe_path(recipe)}: ok — {r.name}: {' → '.join(r.stages)} (sha256 {r.sha256[:12]})")
+    for key in unused:
+        out_console.print(f"[yellow]--set {key}: the {key.split('.')[0]} stage is not in this recipe's stages; the setting is unused[/yellow]")
+
+
+@app.command()
+def compress(
+    model: str = MODEL_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Output GGUF (written even when a guardrail fails; then marked failing and exit code 3)."),
+    recipe: Optional[str] = RECIPE_OPT,
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration and healing text; its last quarter (verify.holdout) is kept for verify "
+                                                              "unless --eval-text (default: the built-in Shakespeare excerpt)."),
+    eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="Text for verify (then all of --text calibrates)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: OUT without .gguf, plus .run); a rerun resumes it."),
+    ollama: bool = typer.Option(False, "--ollama", help="Also write an Ollama Modelfile beside the GGUF."),
+    dvc: bool = typer.Option(False, "--dvc", help="Also write (or update) a dvc.yaml stage in the current folder, so `dvc repro` reruns it."),
+    sets: List[str] = SET_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Run a recipe from model to a verified GGUF: map, profile, density waves with healing, scaffold,
+    precision budget, quantize, verify in llama.cpp against the float parent.
+
+    Shipped recipes: gentle (profile + budget at Q4_K_M's size + verify: minutes) and bird-bone (the full
+    loop: tens of minutes on 2 cores). See them with: birdbone recipe show gentle. Overrides go through the
+    same typed recipe: --set waves.max_wave=0.05 --set budget.target_bytes=Q5_K_M.
+    """
+    from birdbone.recipe.compress import compress as run_compress
+    from birdbone.recipe.config import load_recipe, recipe_path, unused_sections
+    from birdbone.recipe.ship import write_dvc_stage, write_modelfile
+
+    r = load_recipe(recipe, sets)
+    for key in unused_sections(r, sets):
+        err_console.print(f"[yellow]--set {key}: the {key.split('.')[0]} stage is not in this recipe's stages; the setting is unused[/yellow]")
+    run_dir = run_dir or out.with_name(out.name.removesuffix(".gguf") + ".run")
+    if text is None:
+        err_console.print("[dim]no --text: calibrating on the package's built-in Shakespeare excerpt (pass your own text for real use)[/dim]")
+    with progress_bar() as cb:
+        res = run_compress(model, r, out, run_dir, text, eval_text, cb, G.threads)
+    extras = {}
+    if ollama:
+        extras["modelfile"] = str(write_modelfile(out))
+    if dvc:
+        extras["dvc"] = str(write_dvc_stage(Path.cwd(), model, recipe_path(recipe), sets, text, eval_text, out, run_dir))
+    if as_json:
+        emit_json({"out": str(res.out), "run": str(res.run), "recipe": r.name, "passed": res.passed, "stages": res.stages,
+                   "verify": res.verify, "seconds": res.seconds, **extras})
+    else:
+        table = Table("stage", "s", "summary", box=None, title=f"{r.name}: {' → '.join(r.stages)}")
+        for stage, summary in res.stages.items():
+            table.add_row(stage, f"{res.seconds.get(stage, 0):.0f}", json.dumps(summary, default=str)[:100])
+        out_console.print(table)
+        if res.verify:
+            for c in res.verify["guardrails"]:
+                mark = "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]"
+                out_console.print(f"{mark} {c['guardrail']} {fmt(c['limit'], '.4g')}: measured {fmt(c['value'], '.4g')}")
+            ev = res.verify["eval"]
+            out_console.print(f"{out}: {mib(ev['model']['file_bytes'])} MiB ({fmt(ev['pct_of_parent_bytes'], '.1f')} % of the F16 parent), "
+                              f"ppl {ev['model']['ppl']:.3f} vs {ev['parent']['ppl']:.3f} ({fmt(ev['delta_ppl_pct'], '+.2f')} %), "
+                              f"KLD {fmt(ev.get('kld_mean'), '.4f')}, decode {fmt(ev['model']['speed'].get('decode_tok_s'), '.0f')} tok/s")
+        out_console.print(f"wrote {out}; run folder {res.run} (report.json, provenance.json, diff.md)"
+                          + "".join(f"; {k}: {v}" for k, v in extras.items()))
+    if res.passed is False:
+        raise typer.Exit(3)
+
+
+@app.command()
+def diff(
+    a: str = typer.Argument(..., help="A model (GGUF, .safetensors, HF folder), or a recipe YAML."),
+    b: str = typer.Argument(..., help="Another of the same kind."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Also write the diff as Markdown (.md) or JSON (.json)."),
+    as_json: bool = JSON_OPT,
+):
+    """What changed between two models (per tensor: type, shape, relative delta, sparsity, pruned and
+    regrown weights; rolled up per role and layer), or between two recipes after defaults are applied."""
+    from birdbone.io.atomic import write_text_atomic
+
+    if all(_is_recipe(x) for x in (a, b)):
+        from birdbone.recipe.config import diff_recipes, load_recipe
+
+        changes = diff_recipes(load_recipe(a), load_recipe(b))
+        if out:
+            write_text_atomic(out, json.dumps(changes, indent=1) + "\n")
+        if as_json:
+            emit_json({"a": a, "b": b, "changes": changes})
+            return
+        table = Table("key", a, b, box=None, title=f"recipe diff ({len(changes)} keys differ after defaults)")
+        for c in changes:
+            table.add_row(c["key"], json.dumps(c["a"]), json.dumps(c["b"]))
+        out_console.print(table)
+        return
+    from birdbone.anatomy.diff import diff_models, markdown
+
+    with progress_bar() as cb:
+        d = diff_models(a, b, (lambda i, n: cb("diff", i, n)) if cb else None)
+    if out:
+        write_text_atomic(out, json.dumps(d.as_dict(), indent=1) + "\n" if out.suffix == ".json" else markdown(d))
+    if as_json:
+        emit_json(d.as_dict())
+        return
+    s = d.as_dict()
+    table = Table("role", "tensors", "changed", "MiB A", "MiB B", "mean rel. delta", "pruned", "regrown", box=None,
+                  title=f"{Path(d.a).name} → {Path(d.b).name}: {s['changed']} of {s['tensors']} tensors changed")
+    for r in s["by_role"]:
+        table.add_row(str(r["group"]), str(r["tensors"]), str(r["changed"]), mib(r["bytes_a"]), mib(r["bytes_b"]),
+                      fmt(r["rel_delta_mean"], ".4f"), f"{r['pruned']:,}", f"{r['regrown']:,}")
+    out_console.print(table)
+    if d.only_a or d.only_b:
+        out_console.print(f"only in A: {len(d.only_a)} tensors, only in B: {len(d.only_b)}")
+
+
+def _is_recipe(name: str) -> bool:
+    """A recipe YAML, or a shipped recipe's name."""
+    from birdbone.recipe.config import RECIPES
+
+    return name.endswith((".yaml", ".yml")) or (RECIPES / f"{name}.yaml").is_file()
 
 
 # -- synapse ----------------------------------------------------------------------------------

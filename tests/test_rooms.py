@@ -14,6 +14,7 @@ ALLOWED = {
     "evaluate": {"io", "bridge", "evaluate"},
     "remodel": {"io", "anatomy", "bridge", "measure", "evaluate", "remodel"},
     "synapse": {"io", "evaluate", "synapse"},
+    "recipe": {"io", "anatomy", "bridge", "measure", "evaluate", "remodel", "recipe"},
 }
 IMPORT = re.compile(r"^\s*(?:from|import)\s+birdbone\.(\w+)", re.M)
 

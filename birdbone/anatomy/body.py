@@ -14,7 +14,7 @@ from gguf.quants import dequantize
 
 from birdbone.anatomy.manifest import MANIFEST, load_manifest
 from birdbone.io.errors import InputError
-from birdbone.io.gguf_layout import CHUNK, KV, Layout, TensorEntry, layout_of
+from birdbone.io.gguf_layout import CHUNK, KV, Layout, TensorEntry, layout_of, write_layout
 from birdbone.io.gguf_reader import GGUFFile
 from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import resolve_model_path
@@ -89,3 +89,12 @@ def set_kvs(layout: Layout, values: dict) -> None:
     """Replace or append metadata: ``values`` maps key -> (value type, value, item type)."""
     keep = [kv for kv in layout.kvs if kv.key not in values]
     layout.kvs = keep + [KV(k, t, v, it) for k, (t, v, it) in values.items()]
+
+
+def with_metadata(src: str | Path, out: str | Path, values: dict) -> Path:
+    """Copy the GGUF ``src`` to ``out`` (atomically) with metadata replaced or added; tensor bytes untouched.
+    ``values`` maps key -> (value type, value, item type), as :func:`set_kvs` takes them."""
+    with Body(src) as body:
+        layout = copy_layout(body.layout)
+        set_kvs(layout, values)
+        return write_layout(out, layout, lambda t: body.chunks(t.name))

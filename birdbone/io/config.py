@@ -2,8 +2,8 @@
 
 :func:`load_config` builds a (frozen) dataclass, nested dataclasses included, from an optional
 YAML file and ``key=value`` overrides (dotted keys reach nested sections: ``heal.steps=20``).
-Unknown keys and values of the wrong type are one-line errors naming the file or the option;
-the dataclass's own ``__post_init__`` checks ranges. :func:`config_dict` turns it back into
+Unknown keys and values of the wrong type are one-line errors naming the file (with line and
+column of the offending key) or the option; the dataclass's own ``__post_init__`` checks ranges. :func:`config_dict` turns it back into
 plain data for a run folder's ``config.json``.
 """
 
@@ -18,6 +18,18 @@ from typing import Any, TypeVar
 from birdbone.io.errors import BirdboneError, InputError
 
 T = TypeVar("T")
+
+
+class ConfigError(BirdboneError):
+    """A config value a user must fix; ``keys`` is where it sits (section names, then the key)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = keys
+
+
+def _where(keys: tuple[str, ...]) -> str:
+    return ".".join(keys)
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
@@ -65,25 +77,53 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type[T], data: dict, where: str) -> T:
+def _build(cls: type[T], data: dict, keys: tuple[str, ...] = ()) -> T:
     if not isinstance(data, dict):
-        raise BirdboneError(f"{where}: expected a mapping of keys to values")
+        raise ConfigError(f"{_where(keys)}: expected a mapping of keys to values", keys)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise BirdboneError(f"{where}: config key {unknown[0]!r} does not exist (known: {', '.join(fields)})")
+        here = f"{_where(keys)}: " if keys else ""
+        raise ConfigError(f"{here}config key {unknown[0]!r} does not exist (known: {', '.join(fields)})", (*keys, unknown[0]))
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, value, f"{where}.{name}" if where else name)
+            kwargs[name] = _build(kind, value, (*keys, name))
         else:
-            kwargs[name] = _coerce(value, kind, f"{where}.{name}" if where else name)
+            try:
+                kwargs[name] = _coerce(value, kind, _where((*keys, name)))
+            except BirdboneError as e:
+                raise ConfigError(str(e), (*keys, name)) from None
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise BirdboneError(f"{where or cls.__name__}: {e}") from None
+    except (ValueError, TypeError, BirdboneError) as e:
+        # range checks name the fields they judge: point at the first one the input set
+        import re
+
+        words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(e)))
+        named = next((k for k in data if k in words), None)
+        raise ConfigError(f"{_where(keys) or cls.__name__}: {e}", (*keys, named) if named else keys) from None
+
+
+def _position(path: Path, keys: tuple[str, ...]) -> str:
+    """``line:column`` of the deepest of ``keys`` found in the YAML at ``path`` (1-based), or ''."""
+    import yaml
+
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return ""
+    mark = None
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
+        if found is None:
+            break
+        mark, node = found[0].start_mark, found[1]
+    return f"{mark.line + 1}:{mark.column + 1}" if mark else ""
 
 
 def _set(data: dict, dotted: str, value: str) -> None:
@@ -99,7 +139,6 @@ def _set(data: dict, dotted: str, value: str) -> None:
 def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> T:
     """``cls`` from the YAML at ``path`` (if any), then ``key=value`` overrides, checked."""
     data: dict = {}
-    where = ""
     if path is not None:
         import yaml
 
@@ -109,24 +148,31 @@ def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | 
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise InputError(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
+            raise InputError(path, f"not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(data, dict):
             raise InputError(path, "a config file must be a mapping of keys to values")
-        where = str(path)
+    overridden: set[str] = set()
     for item in sets:
         if "=" not in item:
             raise BirdboneError(f"--set {item!r}: expected key=value")
         key, value = item.split("=", 1)
         _set(data, key.strip(), value.strip())
+        overridden.add(key.strip())
     try:
-        return _build(cls, data, "")
-    except BirdboneError as e:
-        raise BirdboneError(f"{where}: {e}" if where else str(e)) from None
+        return _build(cls, data)
+    except ConfigError as e:
+        if path is None or _where(e.keys) in overridden:
+            raise
+        at = _position(path, e.keys)
+        raise ConfigError(f"{path}:{at}: {e}" if at else f"{path}: {e}", e.keys) from None
 
 
 def config_from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """``cls`` from plain data (a run folder's saved config), checked as a YAML file would be."""
-    return _build(cls, data, where)
+    try:
+        return _build(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e), e.keys) from None
 
 
 def config_dict(cfg) -> dict:

@@ -61,9 +61,9 @@ def parse_granularity(spec: str) -> Granularity:
 
 def check_wave(max_wave: float, target_density: float) -> None:
     if not 0.0 < target_density <= 1.0:
-        raise BirdboneError(f"target density {target_density} is outside (0, 1]")
+        raise BirdboneError(f"target density {target_density} is outside (0, 1] (target_density)")
     if not 0.0 < max_wave <= MAX_WAVE:
-        raise BirdboneError(f"wave size {max_wave} is outside (0, {MAX_WAVE}]: a wave sheds at most a tenth of what is left")
+        raise BirdboneError(f"wave size {max_wave} is outside (0, {MAX_WAVE}] (max_wave): a wave sheds at most a tenth of what is left")
 
 
 # -- scores ---------------------------------------------------------------------------------------
