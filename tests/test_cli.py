@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from birdbone.cli import app
 
-VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft", "measure", "profile", "purify", "prune", "revert", "report", "budget"]
+VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft", "measure", "profile", "purify", "prune", "revert", "report", "budget", "scaffold", "compress", "diff"]
 runner = CliRunner()
 
 
