@@ -833,9 +833,9 @@ def compress(
         emit_json({"out": str(res.out), "run": str(res.run), "recipe": r.name, "passed": res.passed, "stages": res.stages,
                    "verify": res.verify, "seconds": res.seconds, **extras})
     else:
-        table = Table("stage", "s", "summary", box=None, title=f"{r.name}: {' → '.join(r.stages)}")
+        table = Table("stage", "s", "what it did", box=None, title=f"{r.name}: {' → '.join(r.stages)}")
         for stage, summary in res.stages.items():
-            table.add_row(stage, f"{res.seconds.get(stage, 0):.0f}", json.dumps(summary, default=str)[:100])
+            table.add_row(stage, f"{res.seconds.get(stage, 0):.0f}", _stage_words(stage, summary))
         out_console.print(table)
         if res.verify:
             for c in res.verify["guardrails"]:
@@ -849,6 +849,20 @@ def compress(
                           + "".join(f"; {k}: {v}" for k, v in extras.items()))
     if res.passed is False:
         raise typer.Exit(3)
+
+
+def _stage_words(stage: str, s: dict) -> str:
+    """One line per compress stage for the table."""
+    types = lambda h: ", ".join(f"{k}×{v}" for k, v in h.items())  # noqa: E731
+    return {
+        "map": lambda: f"{s['tensors']} tensors measured ({s['theta_version']})",
+        "profile": lambda: f"{s['tokens']:,} tokens profiled, {s['weights']} weights",
+        "waves": lambda: f"{s['waves']} waves to density {s['density']:.3f} ({s['phase']}), held-out Δppl {fmt(s['heldout_dppl_pct'], '+.2f')} %",
+        "scaffold": lambda: f"{s['matrices']} matrices, {s['steps']} rank steps, mean explained {fmt(s['mean_explained'], '.3f')}",
+        "budget": lambda: f"{s['method']}: {s['bits_per_weight']:.2f} bpw ({types(s['types'])}), {s['fortresses']} fortresses; cap: {s['target']}",
+        "export": lambda: f"{s['how']}{' + imatrix' if s['imatrix'] else ''}: {mib(s['file_bytes'])} MiB, {s['bits_per_weight']:.2f} bpw",
+        "verify": lambda: "guardrails " + ("passed" if s["passed"] else "FAILED"),
+    }[stage]()
 
 
 @app.command()
