@@ -108,6 +108,7 @@ def open_work(model: str | Path, recipe: Recipe, run_dir: Path, out: Path, text:
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         state = {"identity": identity, "done": {}, "paths": {}}
+        write_text_atomic(run_dir / STATE, json.dumps(state, indent=1) + "\n")  # first: a folder killed now is still ours
     parent, grid = plan_source(input_path, progress)
     work = Work(run_dir, recipe, input_path, grid, parent, parent, run_dir / "calibration.txt", run_dir / "verify.txt", state)
     if not work.calibration.exists():
