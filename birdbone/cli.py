@@ -867,7 +867,7 @@ def _stage_words(stage: str, s: dict) -> str:
 
 @app.command()
 def diff(
-    a: str = typer.Argument(..., help="A model (GGUF, .safetensors, HF folder), or a recipe YAML."),
+    a: str = typer.Argument(..., help="A model (GGUF, .safetensors, HF folder), a wave of a run (RUN@K: prune or compress run folder), or a recipe YAML."),
     b: str = typer.Argument(..., help="Another of the same kind."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Also write the diff as Markdown (.md) or JSON (.json)."),
     as_json: bool = JSON_OPT,
@@ -890,10 +890,14 @@ def diff(
             table.add_row(c["key"], json.dumps(c["a"]), json.dumps(c["b"]))
         out_console.print(table)
         return
+    import tempfile
+
     from birdbone.anatomy.diff import diff_models, markdown
 
-    with progress_bar() as cb:
-        d = diff_models(a, b, (lambda i, n: cb("diff", i, n)) if cb else None)
+    with progress_bar() as cb, tempfile.TemporaryDirectory(prefix="birdbone-diff-") as tmp:
+        a_path, b_path = (_wave_file(x, Path(tmp) / f"{side}.gguf") for x, side in ((a, "a"), (b, "b")))
+        d = diff_models(a_path, b_path, (lambda i, n: cb("diff", i, n)) if cb else None)
+        d.a, d.b = a, b  # name waves as the user wrote them
     if out:
         write_text_atomic(out, json.dumps(d.as_dict(), indent=1) + "\n" if out.suffix == ".json" else markdown(d))
     if as_json:
@@ -908,6 +912,19 @@ def diff(
     out_console.print(table)
     if d.only_a or d.only_b:
         out_console.print(f"only in A: {len(d.only_a)} tensors, only in B: {len(d.only_b)}")
+
+
+def _wave_file(spec: str, tmp: Path) -> str:
+    """``RUN@K`` → wave K of a prune (or compress) run, replayed from its history as F32 into ``tmp``; else ``spec``."""
+    run, _, wave = spec.rpartition("@")
+    if not run or not wave.isdigit() or not Path(run).is_dir():
+        return spec
+    from birdbone.recipe.compress import STATE
+    from birdbone.remodel.prune import export
+
+    folder = Path(run) / "waves" if (Path(run) / STATE).exists() else Path(run)
+    export(folder, tmp, int(wave), "F32")
+    return str(tmp)
 
 
 def _is_recipe(name: str) -> bool:

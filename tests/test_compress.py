@@ -177,6 +177,9 @@ def test_revert_a_compress_run_to_a_wave_or_a_stage(straight, tiny, tmp_path):
     d = json.loads(birdbone("diff", tiny.gguf_f16, tmp_path / "waves.gguf", "--json").stdout)
     assert d["changed"] == 14 and sum(row["pruned"] for row in d["by_role"]) > 0
     assert "not finished" in error("revert", run, "--to-stage", "scaffold", "-o", tmp_path / "s.gguf")
+    # two waves of the run, replayed from the history
+    d = json.loads(birdbone("diff", f"{run}@1", f"{run}@2", "--json").stdout)
+    assert d["a"].endswith("@1") and d["changed"] == 14 and sum(row["pruned"] for row in d["by_role"]) > 0
 
 
 def test_a_failing_guardrail_writes_the_file_marked_and_exits_3(straight, tiny, tiny_recipe, tmp_path):
