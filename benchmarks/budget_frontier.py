@@ -132,9 +132,9 @@ def run_subject(name: str, args) -> dict:
     imatrix = usage / "imatrix.gguf"
     profile_s = time.time() - t0
     t0 = time.time()
-    # the built-in F16 form is dequantized Q4_1: its own grid is lossless by construction, never a plan's choice
-    sets = [*args.set, *(["exclude=Q4_1"] if name == "builtin" else [])]
-    planner = Planner.open(parent, usage, calib, load_config(BudgetConfig, None, sets))
+    # the built-in F16 form is dequantized Q4_1: its grid (and types that hold it) never a plan's choice
+    sets = list(args.set)
+    planner = Planner.open(parent, usage, calib, load_config(BudgetConfig, None, sets), grid="Q4_1" if name == "builtin" else None)
     measure_s = time.time() - t0
     log.info("%s: profile %.0f s, sensitivity %.0f s", name, profile_s, measure_s)
     tokens = healing_tokens(parent, calib)

@@ -157,8 +157,9 @@ def test_a_quantized_input_is_planned_from_its_float_form_without_its_own_grid(t
     plan_path = tmp_path / "plan.json"
     birdbone("budget", q41, "--usage", usage_dir, "--target-bpw", "6", "--method", "greedy", *SMALL, "-o", plan_path)
     plan = read_plan(plan_path)
-    assert plan.excluded == ["Q4_1"] and "Q4_1" not in plan.types.values()
-    assert any("lossless by construction" in n for n in plan.notes)
+    # Q5_1's imatrix-guided scale search lands on half of Q4_1's step: it holds the grid too (here Q6_K as well)
+    assert {"Q4_1", "Q5_1"} <= set(plan.excluded) and not set(plan.excluded) & set(plan.types.values())
+    assert any("lossless by construction" in n for n in plan.notes) and any("Q5_1 (relative error" in n for n in plan.notes)
     with open_model(plan.source) as m:
         assert {t.type for n, t in m.tensors.items() if len(t.shape) == 2} == {"F16"}
     assert plan.bits_per_weight <= 6.0

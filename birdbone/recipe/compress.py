@@ -203,18 +203,12 @@ def stage_scaffold(w: Work, progress: Progress | None) -> dict:
 
 
 def stage_budget(w: Work, progress: Progress | None) -> dict:
-    from dataclasses import replace
-
     from birdbone.remodel.budget import Planner, write_plan
 
     cfg = w.recipe.budget
-    if w.input_grid and "auto" in cfg.exclude:
-        # the current model is a float file, but its weights still sit on the input's grid
-        cfg = replace(cfg, exclude=(*(e for e in cfg.exclude if e != "auto"), w.input_grid))
-    planner = Planner.open(w.current, usage_of(w, progress), w.calibration, cfg, progress)
+    # the current model is a float file, but its weights may still sit on the input's grid
+    planner = Planner.open(w.current, usage_of(w, progress), w.calibration, cfg, progress, grid=w.input_grid)
     plan = planner.plan(cfg.target_bpw, cfg.target_bytes, progress=progress)
-    if w.input_grid and "auto" in w.recipe.budget.exclude:
-        plan.notes.append(f"{w.input_grid} excluded: the input is stored in {w.input_grid}, so a plan on that grid would be lossless by construction")
     write_plan(plan, w.run / "plan.json")
     w.keep("plan", w.run / "plan.json")
     return {"method": plan.method, "target": plan.target, "bits_per_weight": plan.bits_per_weight,

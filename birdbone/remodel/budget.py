@@ -16,7 +16,10 @@ measured. Two planners share one ladder of types per tensor:
 Sizes are exact bytes of the types llama.cpp will write (only types legal for the row width are
 on a tensor's ladder, so nothing falls back); ``apply_plan`` checks them against what llama.cpp
 wrote. The ladder excludes the source's own quantization grid: the built-in model's F16 form is
-dequantized Q4_1, so Q4_1 would be lossless by construction and measure nothing.
+dequantized Q4_1, so Q4_1 would be lossless by construction and measure nothing. Other types can
+hold that grid too (Q5_1's imatrix-guided scale search finds half of Q4_1's step and reproduces
+Q4_1 weights almost exactly), so :func:`grid_artifacts` measures every cheaper type on the float
+form and excludes those that reconstruct it better than Q8_0 does.
 """
 
 from __future__ import annotations
@@ -405,6 +408,37 @@ def mix_bytes(source: Path, mix: str, imatrix: str | Path | None) -> int:
     return quantize_file(source, None, mix, imatrix=imatrix, dry_run=True).file_bytes
 
 
+def grid_artifacts(m, names: list[str], types: tuple[str, ...], importance: dict[str, np.ndarray | None]) -> dict[str, float]:
+    """Types below Q8_0's bits that rebuild the float form of a grid-quantized model better than Q8_0
+    does (relative error, with the imatrix), on one tensor per row width: such a type sits on the
+    source's grid, and a plan choosing it would measure that artifact, not skill. Returns type → error."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from birdbone.io.quantize import quantize_tensor
+    from birdbone.io.types import tensor_type
+
+    sample = {}
+    for n in names:
+        sample.setdefault(m.tensors[n].shape[-1], n)
+
+    def error(w: np.ndarray, t: str, imp) -> float:
+        return float(np.linalg.norm(quantize_tensor(w, t, imp).dequantize() - w) / max(np.linalg.norm(w), 1e-30))
+
+    q8_bits = 8.0 * GGML_QUANT_SIZES[tensor_type("Q8_0")][1] / GGML_QUANT_SIZES[tensor_type("Q8_0")][0]
+    found: dict[str, float] = {}
+    for width, n in sample.items():
+        w, imp = m.tensor(n).astype(np.float32), importance.get(n)
+        reference = error(w, "Q8_0", imp)
+        for t in types:
+            block, size = GGML_QUANT_SIZES[tensor_type(t)]
+            if width % block or 8.0 * size / block >= q8_bits:
+                continue
+            e = error(w, t, imp)
+            if e < reference:
+                found[tensor_type(t).name] = min(e, found.get(tensor_type(t).name, e))
+    return found
+
+
 @dataclass
 class Planner:
     """Everything a plan needs, measured once: the float source, its ladders, usage and sensitivity.
@@ -426,7 +460,9 @@ class Planner:
 
     @classmethod
     def open(cls, model: str | Path, usage_dir: str | Path, text: str | Path | None, cfg: BudgetConfig,
-             progress: Progress | None = None) -> "Planner":
+             progress: Progress | None = None, grid: str | None = None) -> "Planner":
+        """``grid``: the quantized grid ``model``'s weights sit on when ``model`` is already a float file
+        (a remodelled form of a quantized input); by default, the grid ``model`` is stored in."""
         from birdbone.io.hashing import file_sha256
         from birdbone.io.model_file import open_model
         from birdbone.io.runtime import tokenize_texts
@@ -437,8 +473,9 @@ class Planner:
 
         usage = read_profile(usage_dir)
         imatrix = Path(usage_dir) / "imatrix.gguf"
-        source, grid = plan_source(model, progress)
-        exclude = {canonical(e) for e in cfg.exclude if e != "auto"} | ({grid} if grid and "auto" in cfg.exclude else set())
+        source, stored_grid = plan_source(model, progress)
+        grid = grid or stored_grid
+        auto = bool(grid) and "auto" in cfg.exclude
         with open_model(source) as m:
             names = planned_names(m)
             shapes = {n: m.tensors[n].shape for n in names}
@@ -451,16 +488,22 @@ class Planner:
             if usage.in_sum2[n].shape[-1] != shapes[n][-1]:
                 raise InputError(usage_dir, f"profile's {n} has {usage.in_sum2[n].shape[-1]} channels, the model's has {shapes[n][-1]}: "
                                             "it was made for another model")
+        importance = {n: (usage.importance(n) if n in usage.in_sum2 else None) for n in names}
+        with open_model(source) as m:
+            artifacts = grid_artifacts(m, names, cfg.types, importance) if auto else {}
+        exclude = {canonical(e) for e in cfg.exclude if e != "auto"} | ({grid, *artifacts} if auto else set())
         empty = [n for n in names if not options_for(shapes[n], cfg.types, exclude)]
         if empty:
             raise BirdboneError(f"{empty[0]}: no type on the ladder is legal for its row width {shapes[empty[0]][-1]}")
         text_body, text_name = load_text(text)
         tokens, = tokenize_texts(source, text_body)
-        importance = {n: (usage.importance(n) if n in usage.in_sum2 else None) for n in names}
         sens = measure_sensitivity(source, tokens, names, importance, cfg.sensitivity, progress)
         notes = [f"sensitivity text: {text_name} ({len(tokens):,} tokens; the last {cfg.sensitivity.val_tokens} held out for exact checks)"]
-        if grid and "auto" in cfg.exclude:
+        if auto:
             notes.append(f"{grid} excluded: the input is stored in {grid}, so its F16 form sits on that grid and {grid} would be lossless by construction")
+        if artifacts:
+            notes.append("also excluded, as they rebuild the F16 form better than Q8_0 does (they hold the input's grid): "
+                         + ", ".join(f"{t} (relative error {e:.1e})" for t, e in sorted(artifacts.items())))
         narrow = sorted({shapes[n][-1] for n in names if shapes[n][-1] % 256})
         if narrow:
             notes.append(f"row widths {', '.join(map(str, narrow))} are not multiples of 256: those tensors cannot take K-quants (32-block types only)")
