@@ -88,10 +88,14 @@ def test_split_twins_share_the_parents_routing_mass_and_are_protected():
         after = L(x)
     assert float((after - before).norm() / before.norm()) < 0.02  # twins take the parent's place and gate: only the noise moves it
     assert int(L.family[4]) == int(L.family[0])
-    # twins are protected: even broke, they are not merged in the next round
+    # twins are protected: even broke, they are not merged in the next protect_intervals rounds, then they are
     with torch.no_grad():
         L.energy[4] = -10.0
-    assert 4 not in L.wants()[1]
+        L.health.zero_()  # no more splits
+    twin = int(L.ids[4])
+    for _ in range(L.meta.protect_intervals):
+        assert surgery(L, None, 0) == []
+    assert [(e["event"], e["dead"]) for e in surgery(L, None, 0)] == [("merge", twin)]
 
 
 def test_surgery_rejects_a_split_that_moves_the_output_too_much():

@@ -277,3 +277,27 @@ def test_chat_keeps_state_and_answers_commands(tiny_run):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "calcium_mean" in p.stdout and "fast_state_norm" in p.stdout and "state cleared" in p.stdout
+
+
+def test_a_real_training_run_splits_and_merges_and_spares_its_twins(tmp_path):
+    """The metabolism at its defaults on a real run (a small model, a round every 20 steps so that
+    20 rounds per layer fit): experts go bankrupt and merge, a healthy overloaded one splits, and no
+    twin is merged within protect_intervals rounds of its birth."""
+    from birdbone.synapse.evaluate import load_run, moe_summary
+    from birdbone.synapse.moe import Metabolism
+    from birdbone.synapse.train import TrainConfig, train
+
+    every = 20
+    cfg = TrainConfig(model=SynapticConfig(n_layer=4, n_embd=32, n_head=4, intermediate=96, block_size=64, moe=True, splitmerge_every=every),
+                      steps=400, batch=8, seq=64, vocab=300, eval_every=400, checkpoint_every=400, seed=1)
+    train(tmp_path / "run", None, cfg)
+    events = [json.loads(line) for line in (tmp_path / "run" / "lineage.jsonl").read_text().splitlines()]
+    splits = [e for e in events if e["event"] == "split"]
+    merges = [e for e in events if e["event"] == "merge"]
+    assert splits and merges
+    guard = Metabolism().protect_intervals * every
+    for s in splits:
+        assert all(not (m["layer"] == s["layer"] and m["dead"] in s["children"] and m["step"] <= s["step"] + guard) for m in merges)
+    r = moe_summary(load_run(tmp_path / "run"))
+    assert r["split"] == len(splits) and r["merge"] == len(merges) and r["rounds"] == 4 * 400 // every
+    assert r["splits_per_round"] > 0 and r["merges_per_round"] > 0 and 0 <= r["load_gini"] < 1 and 0 <= r["dead_share"] <= 1

@@ -156,12 +156,33 @@ def associative_recall(run: LoadedRun, corpus: np.ndarray, trials: int, seed: in
     return hits / trials
 
 
-def moe_summary(run: LoadedRun) -> dict:
-    """Experts per layer now, and how many splits, rejected splits and merges the lineage holds."""
+def gini(values: list[float]) -> float:
+    """Gini coefficient of non-negative values: 0 when all are equal, → 1 when one holds everything."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(v)
+    if n == 0 or v.sum() <= 0:
+        return 0.0
+    return float((2 * np.arange(1, n + 1) - n - 1) @ v / (n * v.sum()))
+
+
+def moe_summary(run: LoadedRun, dead_share_of_fair: float = 0.1) -> dict:
+    """Experts per layer now; the Gini of their running load share and the share of dead experts
+    (load under ``dead_share_of_fair`` of a fair 1/E share), averaged over layers; how many splits,
+    rejected splits and merges the lineage holds, and their rates per 1000 training steps and per
+    metabolism round (a round per layer every ``splitmerge_every`` steps)."""
     lineage = run.path / "lineage.jsonl"
     events = [json.loads(line) for line in lineage.read_text().splitlines() if line.strip()] if lineage.exists() else []
     counts = {kind: sum(e["event"] == kind for e in events) for kind in ("split", "split rejected", "merge")}
-    return {"experts": [layer.experts for layer in run.model.expert_layers()], **counts}
+    layers = run.model.expert_layers()
+    loads = [layer.load.tolist() for layer in layers]
+    steps = json.loads((run.path / "state.json").read_text())["step"] if (run.path / "state.json").exists() else 0
+    rounds = len(layers) * (steps // run.cfg.model.splitmerge_every)
+    return {"experts": [layer.experts for layer in layers], **counts,
+            "load_gini": float(np.mean([gini(v) for v in loads])) if loads else None,
+            "dead_share": float(np.mean([np.mean([x < dead_share_of_fair / len(v) for x in v]) for v in loads])) if loads else None,
+            "rounds": rounds, "splits_per_1k_steps": 1000 * counts["split"] / max(steps, 1),
+            "merges_per_1k_steps": 1000 * counts["merge"] / max(steps, 1),
+            "splits_per_round": counts["split"] / rounds if rounds else None, "merges_per_round": counts["merge"] / rounds if rounds else None}
 
 
 def evaluate_run(run_dir: str | Path, text: str | Path | None = None, windows_limit: int = 32, trials: int = 5) -> dict:

@@ -277,7 +277,7 @@ def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progr
                 with open(run / "lineage.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(event) + "\n")
         tokens_done += x[:, 1:].numel()
-        last = {"step": step, "loss": float(loss), "lr": cfg.lr_at(step - 1), **model.vitals(),
+        last = {"step": step, "loss": loss.item(), "lr": cfg.lr_at(step - 1), **model.vitals(),
                 "train_tok_s": tokens_done / max(time.time() - t0, 1e-9)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             last["val_loss"] = evaluate_loss(model, held_ids, cfg)
