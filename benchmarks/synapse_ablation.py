@@ -2,13 +2,16 @@
 
 Variants (``birdbone synapse train`` runs): ``plain``; ``presynaptic`` (deterministic depletion);
 ``stochastic`` (depletion with stochastic release in training); ``hebbian`` (fast weights);
-``all`` (everything built). The mixture of experts is not built yet and is not in the matrix.
-Every variant starts within ±2 % of the plain model's parameters (the MLP width of the variants
-with fast weights is narrowed to pay for their projections) and sees the same tokens
+``moe`` (the synaptic mixture of experts: the MLP shared out into experts, top-k routed, with
+its metabolism every ``--splitmerge-every`` steps, expert count capped at ``max_experts``);
+``all`` (everything). Every variant starts within ±2 % of the plain model's parameters (the MLP
+width of the variants with fast weights is narrowed to pay for their projections; active
+parameters per token are reported too, fewer for the MoE) and sees the same tokens
 (steps × batch × seq). Per corpus (tinyshakespeare, wikitext-2 valid — each with its own
 tokenizer, trained on its own training part) and seed, every run is evaluated on its held-out
 tenth with ``synapse eval``: perplexity, ECE, passkeys inside and beyond the context, associative
-recall, train and inference tokens/s. Differences are paired by (corpus, seed) against plain, with
+recall, train and inference tokens/s, MoE health (load Gini, dead share, splits and merges per
+round). Differences are paired by (corpus, seed) against plain, with
 a 95 % t interval over the pairs.
 
     python benchmarks/synapse_ablation.py [--seeds 0,1,2] [--steps 300] [--variants plain,all,...] [--corpora shakespeare,wikitext]
@@ -38,9 +41,11 @@ VARIANTS = {
     "presynaptic": {"presynaptic": True},
     "stochastic": {"presynaptic": True, "stochastic": True},
     "hebbian": {"hebbian": True},
-    "all": {"presynaptic": True, "stochastic": True, "hebbian": True},
+    "moe": {"moe": True},
+    "all": {"presynaptic": True, "stochastic": True, "hebbian": True, "moe": True},
 }
 METRICS = ("ppl", "ece", "passkey_inside", "passkey_beyond", "recall_accuracy", "train_tok_s", "infer_tok_s")
+MOE_METRICS = ("load_gini", "dead_share", "splits_per_round", "merges_per_round")
 log = logging.getLogger("synapse_ablation")
 
 
@@ -48,6 +53,18 @@ def n_params(model_cfg) -> int:
     from birdbone.synapse.model import SynapticGPT
 
     return sum(p.numel() for p in SynapticGPT(model_cfg).parameters())
+
+
+def n_active(model_cfg) -> int:
+    """Parameters one token uses: the expert weights count top_k / experts of their total."""
+    from birdbone.synapse.model import SynapticGPT
+
+    model = SynapticGPT(model_cfg)
+    total = sum(p.numel() for p in model.parameters())
+    for layer in model.expert_layers():
+        stacked = sum(getattr(layer, name).numel() for name in ("gate", "up", "down"))
+        total -= round(stacked * (1 - layer.top_k / layer.experts))
+    return total
 
 
 def matched(base, switches: dict):
@@ -86,7 +103,8 @@ def run_one(corpus: str, variant: str, seed: int, args) -> dict:
     from birdbone.synapse.model import SynapticConfig
     from birdbone.synapse.train import TrainConfig, train
 
-    base = SynapticConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads, intermediate=args.intermediate, block_size=args.seq)
+    base = SynapticConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads, intermediate=args.intermediate, block_size=args.seq,
+                          splitmerge_every=args.splitmerge_every)
     model_cfg = matched(base, VARIANTS[variant])
     data = config_dict(TrainConfig(model=model_cfg, steps=args.steps, batch=args.batch, seq=args.seq, vocab=args.vocab, seed=seed,
                                    eval_every=max(1, args.steps // 4), checkpoint_every=max(1, args.steps // 10)))
@@ -96,8 +114,10 @@ def run_one(corpus: str, variant: str, seed: int, args) -> dict:
     train(folder, CORPORA[corpus], cfg)
     train_s = time.time() - t0
     report = evaluate_run(folder, None, args.eval_windows, args.trials)
-    return {"corpus": corpus, "variant": variant, "seed": seed, "params": n_params(model_cfg), "intermediate": model_cfg.intermediate,
-            "train_seconds": round(train_s, 1), **{k: report[k] for k in METRICS}, "passkey": report["passkey"]}
+    moe = report["moe"] or {}
+    return {"corpus": corpus, "variant": variant, "seed": seed, "params": n_params(model_cfg), "active_params": n_active(model_cfg),
+            "intermediate": model_cfg.intermediate, "train_seconds": round(train_s, 1), **{k: report[k] for k in METRICS},
+            **{k: moe.get(k) for k in MOE_METRICS}, "experts_end": moe.get("experts"), "passkey": report["passkey"]}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -106,8 +126,8 @@ def summarize(runs: list[dict]) -> dict:
     plain = {(r["corpus"], r["seed"]): r for r in runs if r["variant"] == "plain"}
     for variant in dict.fromkeys(r["variant"] for r in runs):
         rows = [r for r in runs if r["variant"] == variant]
-        entry = {"runs": len(rows), "params": sorted({r["params"] for r in rows})}
-        for k in METRICS:
+        entry = {"runs": len(rows), "params": sorted({r["params"] for r in rows}), "active_params": sorted({r["active_params"] for r in rows})}
+        for k in (*METRICS, *MOE_METRICS):
             vals = [r[k] for r in rows if r[k] is not None]
             entry[k] = sum(vals) / len(vals) if vals else None
             diffs = [r[k] - plain[(r["corpus"], r["seed"])][k] for r in rows
@@ -118,18 +138,26 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def ci_text(d, spec: str) -> str:
+    return f"{format(d[0], spec)} [{format(d[1], spec)}, {format(d[2], spec)}]" if d else "–"
+
+
 def markdown(res: dict) -> str:
     s = res["summary"]
     lines = [f"`{res['command']}` · {res['budget']}", "",
-             "| variant | params | ppl | Δppl [95 % CI] | ECE | passkey in | passkey beyond | recall | train tok/s | infer tok/s |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | params (active) | ppl | Δppl [95 % CI] | ECE | passkey in | passkey beyond | recall | Δrecall [95 % CI] | train tok/s | infer tok/s |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|"]
     f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for variant, e in s.items():
-        d = e.get("ppl_diff")
-        ci = f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]" if d else "–"
-        lines.append(f"| {variant} | {'/'.join(f'{p:,}' for p in e['params'])} | {f(e['ppl'], '.2f')} | {ci} | {f(e['ece'], '.3f')} | "
+        lines.append(f"| {variant} | {'/'.join(f'{p:,}' for p in e['params'])} ({'/'.join(f'{p:,}' for p in e['active_params'])}) | "
+                     f"{f(e['ppl'], '.2f')} | {ci_text(e.get('ppl_diff'), '+.2f')} | {f(e['ece'], '.3f')} | "
                      f"{f(e['passkey_inside'], '.2f')} | {f(e['passkey_beyond'], '.2f')} | {f(e['recall_accuracy'], '.2f')} | "
-                     f"{f(e['train_tok_s'], '.0f')} | {f(e['infer_tok_s'], '.0f')} |")
+                     f"{ci_text(e.get('recall_accuracy_diff'), '+.3f')} | {f(e['train_tok_s'], '.0f')} | {f(e['infer_tok_s'], '.0f')} |")
+    moe_rows = [(v, e) for v, e in s.items() if e.get("load_gini") is not None]
+    if moe_rows:
+        lines += ["", "| variant | load Gini | dead-expert share | splits / round | merges / round |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {v} | {f(e['load_gini'], '.3f')} | {f(e['dead_share'], '.3f')} | {f(e['splits_per_round'], '.3f')} | "
+                  f"{f(e['merges_per_round'], '.3f')} |" for v, e in moe_rows]
     plain = s.get("plain", {})
     if plain and plain.get("train_tok_s") and s.get("all", {}).get("train_tok_s"):
         lines += ["", f"Time per training token, all mechanisms vs plain: {plain['train_tok_s'] / s['all']['train_tok_s']:.2f}× (goal of the fused-kernel issue: ≤ 1.3×)."]
@@ -153,6 +181,7 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=352)
+    ap.add_argument("--splitmerge-every", type=int, default=25, help="metabolism rounds (the model default, 100, gives a 300-step run 3)")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--out", default=str(OUT))

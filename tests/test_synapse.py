@@ -301,3 +301,13 @@ def test_a_real_training_run_splits_and_merges_and_spares_its_twins(tmp_path):
     r = moe_summary(load_run(tmp_path / "run"))
     assert r["split"] == len(splits) and r["merge"] == len(merges) and r["rounds"] == 4 * 400 // every
     assert r["splits_per_round"] > 0 and r["merges_per_round"] > 0 and 0 <= r["load_gini"] < 1 and 0 <= r["dead_share"] <= 1
+
+
+@pytest.mark.parametrize("mode", STOCHASTIC_MODES)
+def test_stochastic_release_keeps_finite_gradients_where_release_saturates(mode):
+    from birdbone.synapse.model import stochastic_release
+
+    w = torch.tensor([0.0, 1.0, 0.5, 1e-9], requires_grad=True)
+    torch.manual_seed(0)
+    stochastic_release(w, SynapticConfig(**TINY, stochastic=True, stochastic_mode=mode)).sum().backward()
+    assert torch.isfinite(w.grad).all()

@@ -189,7 +189,8 @@ def stochastic_release(w: torch.Tensor, cfg: SynapticConfig) -> torch.Tensor:
     """A draw of k/n released vesicles, n = count cap, k ~ Binomial(n, w), with a gradient."""
     n = cfg.stochastic_count_cap
     if cfg.stochastic_mode == "normal_reparam":
-        sd = torch.sqrt((w * (1 - w)).clamp(min=0) / n)
+        # the floor keeps sqrt's gradient finite where release saturates at exactly 0 or 1 (seen: NaN at step ~170)
+        sd = torch.sqrt(((w * (1 - w)).clamp(min=0) + 1e-6) / n)
         return (w + sd * torch.randn_like(w)).clamp(0.0, 1.0)
     if cfg.stochastic_mode == "gumbel_sigmoid_ste":
         logit = torch.log(w.clamp(1e-6, 1 - 1e-6)) - torch.log1p(-w.clamp(1e-6, 1 - 1e-6))

@@ -269,7 +269,10 @@ def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progr
         _, loss = model(x[:, :-1], x[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # stop before a non-finite step reaches the weights
+            raise BirdboneError(f"{run}: loss {loss.item()}, gradient norm {grad_norm.item()} at step {step + 1}; "
+                                "the run stops (its last checkpoint is kept)")
         opt.step()
         step += 1
         if probe is not None and step % cfg.model.splitmerge_every == 0:
