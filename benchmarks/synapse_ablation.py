@@ -16,7 +16,9 @@ a 95 % t interval over the pairs.
 
     python benchmarks/synapse_ablation.py [--seeds 0,1,2] [--steps 300] [--variants plain,all,...] [--corpora shakespeare,wikitext]
 
-Writes benchmarks/results/synapse_ablation.{json,md}; run folders go to results/work/synapse/.
+Writes benchmarks/results/synapse_ablation.{json,md} and its section of docs/evidence.md (between
+its own markers: the rest of that file is left alone); run folders go to results/work/synapse/.
+``--doc-only`` rewrites the table and the section from the JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ REPO = HERE.parent
 DATA = REPO.parent / "shared" / "data"
 WORK = HERE / "results" / "work" / "synapse"
 OUT = HERE / "results" / "synapse_ablation"
+EVIDENCE = REPO / "docs" / "evidence.md"
+SECTION = ("<!-- synapse_ablation: generated from benchmarks/results/synapse_ablation.json -->\n",
+           "<!-- synapse_ablation: end -->\n")
 CORPORA = {"shakespeare": DATA / "tinyshakespeare" / "input.txt", "wikitext": DATA / "wikitext-2-tok" / "valid.txt"}
 VARIANTS = {
     "plain": {},
@@ -168,6 +173,19 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_evidence(table: str, doc: Path = EVIDENCE) -> None:
+    """Put the table between the section's markers in the evidence page (appended the first time)."""
+    start, end = SECTION
+    block = start + "## The living transformer against a plain GPT (`benchmarks/synapse_ablation.py`)\n\n" + table + end
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    doc.write_text(text, encoding="utf-8")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpora", default="shakespeare,wikitext")
@@ -185,6 +203,7 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--doc-only", action="store_true", help="rewrite the table and docs/evidence.md from the JSON")
     ap.add_argument("--work", default=str(WORK), help="run folders (a run with the same config resumes)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -195,7 +214,7 @@ def main() -> int:
     out = Path(args.out)
     res = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"runs": []}
     done = {(r["corpus"], r["variant"], r["seed"]) for r in res["runs"]}
-    for corpus in args.corpora.split(","):
+    for corpus in ([] if args.doc_only else args.corpora.split(",")):
         for seed in map(int, args.seeds.split(",")):
             for variant in args.variants.split(","):
                 if (corpus, variant, seed) in done:
@@ -214,7 +233,10 @@ def main() -> int:
                                                  and (plain.get("passkey_inside") or 0) > 3 * res["chance"]["passkey"])
                 out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
                 out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    if res["runs"]:
+        out.with_suffix(".md").write_text(markdown(res))
+        write_evidence(markdown(res))
+    print(markdown(res) if res["runs"] else "no runs yet")
     return 0
 
 
