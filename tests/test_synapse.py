@@ -311,3 +311,20 @@ def test_stochastic_release_keeps_finite_gradients_where_release_saturates(mode)
     torch.manual_seed(0)
     stochastic_release(w, SynapticConfig(**TINY, stochastic=True, stochastic_mode=mode)).sum().backward()
     assert torch.isfinite(w.grad).all()
+
+
+def test_eval_scores_the_runs_own_held_out_text(tmp_path):
+    from tests.test_cli import birdbone
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: the cat sat on mat number {i % 17}.\n" for i in range(3000)))
+    run = tmp_path / "run"
+    birdbone("synapse", "train", "-o", run, "--text", text, *PLAIN_SETS[:-2], "--set", "steps=2", "--set", "checkpoint_every=1")
+    r = json.loads(birdbone("synapse", "eval", run, "--windows", "2", "--trials", "1", "--json").stdout)
+    assert r["text"].startswith(str(text.resolve())) and "held-out" in r["text"]
+    text.write_text(text.read_text() + "more\n")
+    p = birdbone("synapse", "eval", run, "--json", check=False)
+    assert p.returncode == 2 and "has changed since training" in p.stderr
+    text.unlink()
+    p = birdbone("synapse", "eval", run, "--json", check=False)
+    assert p.returncode == 2 and "is gone" in p.stderr

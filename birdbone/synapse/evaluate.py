@@ -185,14 +185,33 @@ def moe_summary(run: LoadedRun, dead_share_of_fair: float = 0.1) -> dict:
             "splits_per_round": counts["split"] / rounds if rounds else None, "merges_per_round": counts["merge"] / rounds if rounds else None}
 
 
+def training_text(run: LoadedRun) -> tuple[str, str]:
+    """The text the run was trained on, found where config.json says and checked by its sha256."""
+    from birdbone.io.text import load_text
+
+    record = json.loads((run.path / "config.json").read_text())["text"]
+    where = None if record["name"].startswith("builtin:") else Path(record["name"])
+    if where is not None and not where.exists():
+        raise InputError(run.path, f"its training text {where} is gone: pass --text FILE to score another text")
+    body, name = load_text(where)
+    if hashlib.sha256(body.encode("utf-8")).hexdigest() != record["sha256"]:
+        raise InputError(run.path, f"its training text {name} has changed since training: pass --text FILE to score another text")
+    return body, name
+
+
 def evaluate_run(run_dir: str | Path, text: str | Path | None = None, windows_limit: int = 32, trials: int = 5) -> dict:
     """Every measure of a run on its held-out text (or on ``text``)."""
     from birdbone.io.text import load_text
 
     run = load_run(run_dir)
     before = weights_hash(run.model)
-    body, name = load_text(Path(text) if text else None)
-    held = encode(run.tok, split_text(body, run.cfg.holdout)[1] if text is None else body)
+    if text is None:  # the run's own text, as trained on: its last tenth was never seen
+        body, name = training_text(run)
+        held = encode(run.tok, split_text(body, run.cfg.holdout)[1])
+        name += f" (held-out {run.cfg.holdout:.0%})"
+    else:
+        body, name = load_text(Path(text))
+        held = encode(run.tok, body)
     seq = run.cfg.seq
     report = {"run": str(run.path), "text": name, **perplexity_and_calibration(run.model, held, seq, windows_limit)}
     report["passkey"] = passkey(run, held, [seq // 2, seq, 2 * seq, 4 * seq], [0.1, 0.5, 0.9], trials)

@@ -223,7 +223,8 @@ def prepare(run: Path, body: str, name: str, cfg: TrainConfig) -> TrainConfig:
 
     with atomic_path(run / "tokenizer.json") as tmp:
         tok.save(str(tmp))
-    write_text_atomic(config_path, json.dumps({"train": config_dict(cfg), "text": {"name": name, "sha256": sha}}, indent=1) + "\n")
+    where = name if name.startswith("builtin:") else str(Path(name).resolve())  # eval finds the held-out tenth here
+    write_text_atomic(config_path, json.dumps({"train": config_dict(cfg), "text": {"name": where, "sha256": sha}}, indent=1) + "\n")
     return cfg
 
 
