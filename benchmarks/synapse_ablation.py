@@ -104,7 +104,6 @@ def t_interval(diffs: list[float]) -> tuple[float, float, float]:
 
 def run_one(corpus: str, variant: str, seed: int, args) -> dict:
     from birdbone.io.config import config_dict, config_from_dict
-    from birdbone.synapse.evaluate import evaluate_run
     from birdbone.synapse.model import SynapticConfig
     from birdbone.synapse.train import TrainConfig, train
 
@@ -118,11 +117,18 @@ def run_one(corpus: str, variant: str, seed: int, args) -> dict:
     t0 = time.time()
     train(folder, CORPORA[corpus], cfg)
     train_s = time.time() - t0
+    return {"corpus": corpus, "variant": variant, "seed": seed, "params": n_params(model_cfg), "active_params": n_active(model_cfg),
+            "intermediate": model_cfg.intermediate, "train_seconds": round(train_s, 1), **scores(folder, args)}
+
+
+def scores(folder: Path, args) -> dict:
+    """``synapse eval`` of a finished run on its own held-out tenth."""
+    from birdbone.synapse.evaluate import evaluate_run
+
     report = evaluate_run(folder, None, args.eval_windows, args.trials)
     moe = report["moe"] or {}
-    return {"corpus": corpus, "variant": variant, "seed": seed, "params": n_params(model_cfg), "active_params": n_active(model_cfg),
-            "intermediate": model_cfg.intermediate, "train_seconds": round(train_s, 1), **{k: report[k] for k in METRICS},
-            **{k: moe.get(k) for k in MOE_METRICS}, "experts_end": moe.get("experts"), "passkey": report["passkey"]}
+    return {**{k: report[k] for k in METRICS}, **{k: moe.get(k) for k in MOE_METRICS}, "experts_end": moe.get("experts"),
+            "passkey": report["passkey"], "eval_text": report["text"]}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -186,6 +192,17 @@ def write_evidence(table: str, doc: Path = EVIDENCE) -> None:
     doc.write_text(text, encoding="utf-8")
 
 
+def save(res: dict, out: Path) -> None:
+    """Summarize, check the plain model against chance, and write the JSON and the table."""
+    res["summary"] = summarize(res["runs"])
+    plain = res["summary"].get("plain", {})
+    res["chance"] = {"recall": 1 / 90, "passkey": 1 / 90000}  # two-digit values; five-digit keys
+    res["plain_beats_chance"] = bool((plain.get("recall_accuracy") or 0) > 3 * res["chance"]["recall"]
+                                     and (plain.get("passkey_inside") or 0) > 3 * res["chance"]["passkey"])
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpora", default="shakespeare,wikitext")
@@ -204,6 +221,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--doc-only", action="store_true", help="rewrite the table and docs/evidence.md from the JSON")
+    ap.add_argument("--reevaluate", action="store_true", help="score the finished runs in the JSON again before going on")
     ap.add_argument("--work", default=str(WORK), help="run folders (a run with the same config resumes)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -213,6 +231,11 @@ def main() -> int:
     torch.set_num_threads(2)
     out = Path(args.out)
     res = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"runs": []}
+    if args.reevaluate:  # score finished runs again (after a change to synapse eval), keeping their training figures
+        for r in res["runs"]:
+            r.update(scores(Path(args.work) / f"{r['corpus']}-{r['variant']}-s{r['seed']}", args))
+            log.info("%s %s seed %d rescored: ppl %.2f", r["corpus"], r["variant"], r["seed"], r["ppl"])
+        save(res, out)
     done = {(r["corpus"], r["variant"], r["seed"]) for r in res["runs"]}
     for corpus in ([] if args.doc_only else args.corpora.split(",")):
         for seed in map(int, args.seeds.split(",")):
@@ -226,13 +249,7 @@ def main() -> int:
                 res.update({"command": "python benchmarks/synapse_ablation.py " + " ".join(sys.argv[1:]), "args": vars(args),
                             "budget": f"{args.steps} steps × {args.batch} × {args.seq} tokens = {args.steps * args.batch * args.seq:,} tokens per run",
                             "machine": {"python": platform.python_version(), "torch": torch.__version__}})
-                res["summary"] = summarize(res["runs"])
-                plain = res["summary"].get("plain", {})
-                res["chance"] = {"recall": 1 / 90, "passkey": 1 / 90000}  # two-digit values; five-digit keys
-                res["plain_beats_chance"] = bool(plain.get("recall_accuracy", 0) > 3 * res["chance"]["recall"]
-                                                 and (plain.get("passkey_inside") or 0) > 3 * res["chance"]["passkey"])
-                out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-                out.with_suffix(".md").write_text(markdown(res))
+                save(res, out)
     if res["runs"]:
         out.with_suffix(".md").write_text(markdown(res))
         write_evidence(markdown(res))
