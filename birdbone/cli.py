@@ -508,10 +508,11 @@ SET_OPT = typer.Option([], "--set", help="Override a config key: key=value, dott
 
 
 def _print_run_tail(metrics: list[dict]) -> None:
-    table = Table("wave", "phase", "density", "ppl", "Δppl", "KLD", "heal steps", "s", title="waves (torch, held-out text)", box=None)
+    table = Table("wave", "phase", "density", "ppl", "Δppl", "KLD", "heal steps", "history", "s", title="waves (torch, held-out text)", box=None)
     for m in metrics:
         table.add_row(str(m["wave"]), m["phase"], f"{m['density']:.3f}", f"{m['ppl']:.3f}", fmt(m.get("dppl_pct"), "+.2f", "%"),
-                      fmt(m.get("kld"), ".4f"), str(m.get("heal_steps", "-")), f"{m.get('seconds', 0):.0f}")
+                      fmt(m.get("kld"), ".4f"), str(m.get("heal_steps", "-")), fmt(100 * m["history_share"] if "history_share" in m else None, ".1f", "%"),
+                      f"{m.get('seconds', 0):.0f}")
     out_console.print(table)
 
 

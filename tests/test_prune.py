@@ -40,8 +40,13 @@ def test_prune_export_and_revert_to_the_bit(tiny, tmp_path):
     # structural reinforcement measured every wave (2 layers), stressed layers healed more
     assert all(len(w["layer_own_error"]) == 2 and len(w["layer_grad_norm"]) == 2 for w in waves[1:])
     assert all(w["reinforce_steps"] == (1 if w["stressed_layers"] else 0) for w in waves[1:])
-    # every prunable tensor has at least its mask's zeros; norms and embeddings untouched
+    # the history's size, as a share of the model's fp32 bytes, grows with every wave
     src = tensors(tiny.gguf_f32)
+    shares = [w["history_share"] for w in waves[1:]]
+    assert 0 < shares[0] and all(b > a for a, b in zip(shares, shares[1:]))
+    on_disk = sum(f.stat().st_size for f in (run / "history").glob("wave-*.safetensors"))
+    assert shares[-1] == pytest.approx(on_disk / sum(len(b) for b in src.values()))
+    # every prunable tensor has at least its mask's zeros; norms and embeddings untouched
     with open_model(tmp_path / "p.gguf") as p:
         w = p.tensor("blk.0.ffn_up.weight")
         assert (w == 0).mean() >= 12 / 64  # rows of 64 keep ceil(0.8 · 64) = 52

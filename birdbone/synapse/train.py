@@ -6,8 +6,9 @@ A run folder holds ``config.json`` (the resolved config, the text's sha256), ``t
 ``metrics.jsonl`` and TensorBoard events in ``tb/``. Batches and stochastic release are seeded
 by (seed, step), so a resumed run continues exactly as an uninterrupted one would.
 
-The training mix includes synthetic recall windows — key–value lists queried at the end, and a
-passkey hidden in corpus text — so memory can be learned at all (``recall_share`` of each batch).
+The training mix includes synthetic recall windows packed with episodes — key–value lists queried
+several times, and passkeys hidden in corpus text — so memory can be learned at all
+(``recall_share`` of each batch's windows).
 """
 
 from __future__ import annotations
@@ -97,28 +98,31 @@ def encode(tok, text: str) -> np.ndarray:
 
 
 # -- synthetic recall ---------------------------------------------------------------------------------
-def recall_text(rng: np.random.Generator, filler: str) -> tuple[str, str]:
-    """(context, answer): a key–value list queried at its end, or a passkey hidden in corpus text."""
+def recall_text(rng: np.random.Generator, filler: str, queries: int = 1) -> tuple[str, str]:
+    """(context, answer): a key–value list queried at its end (after ``queries - 1`` answered
+    queries), or a passkey hidden in corpus text."""
     if rng.random() < 0.5:
         pairs = {f"{''.join(rng.choice(list('abcdefghkmnpqrstuvwxyz'), 3))}": int(rng.integers(10, 100)) for _ in range(8)}
         keys = list(pairs)
         listing = " ".join(f"{k}={v}" for k, v in pairs.items())
-        q = keys[int(rng.integers(len(keys)))]
-        return f"{listing}. {q}=", str(pairs[q])
+        asked = [keys[int(rng.integers(len(keys)))] for _ in range(queries)]
+        answered = "".join(f"{k}={pairs[k]} " for k in asked[:-1])
+        return f"{listing}. {answered}{asked[-1]}=", str(pairs[asked[-1]])
     key = str(int(rng.integers(10000, 100000)))
     return f"The passkey is {key}. Remember it. {filler} What is the passkey? The passkey is ", key
 
 
-def recall_window(tok, rng: np.random.Generator, corpus: np.ndarray, length: int) -> np.ndarray:
-    """One training window of ``length`` tokens that ends on a recall answer (corpus text before it)."""
-    start = int(rng.integers(0, max(1, len(corpus) - 64)))
-    filler = tok.decode(corpus[start : start + int(rng.integers(8, 48))].tolist())
-    context, answer = recall_text(rng, filler)
-    ids = encode(tok, context + answer)
-    if len(ids) >= length:
-        return ids[-length:]
-    pad_start = int(rng.integers(0, max(1, len(corpus) - length)))
-    return np.concatenate([corpus[pad_start : pad_start + length - len(ids)], ids])
+def recall_window(tok, rng: np.random.Generator, corpus: np.ndarray, length: int, queries: int = 4) -> np.ndarray:
+    """One training window of ``length`` tokens packed with recall episodes (each key–value list
+    asked ``queries`` times, so most of the window's answers need memory), the last one cut off."""
+    episodes, n = [], 0
+    while n < length:
+        start = int(rng.integers(0, max(1, len(corpus) - 64)))
+        filler = tok.decode(corpus[start : start + int(rng.integers(8, 48))].tolist())
+        context, answer = recall_text(rng, filler, queries)
+        episodes.append(encode(tok, context + answer + ". "))
+        n += len(episodes[-1])
+    return np.concatenate(episodes)[:length]
 
 
 def batch_at(step: int, cfg: TrainConfig, tok, train: np.ndarray) -> torch.Tensor:
