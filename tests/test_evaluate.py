@@ -117,4 +117,6 @@ def test_perplexity_parity_with_llama_perplexity():
     res = summarize_nll(nll, w)
     assert res.ppl == pytest.approx(golden["ppl"], rel=2e-3)
     running = [math.exp(nll[: (i + 1) * w.scored_per_chunk].mean()) for i in range(w.n_chunks)]
-    np.testing.assert_allclose(running, golden["chunk_ppl"], rtol=2e-3)
+    # the golden run's build had AVX-512; an AVX2-only build (GGML_NATIVE) moves the early running
+    # values, averaged over few tokens, by up to 0.22 % (measured); a wrong window plan moves them by far more
+    np.testing.assert_allclose(running, golden["chunk_ppl"], rtol=3e-3)
