@@ -18,7 +18,8 @@ a 95 % t interval over the pairs.
 
 Writes benchmarks/results/synapse_ablation.{json,md} and its section of docs/evidence.md (between
 its own markers: the rest of that file is left alone); run folders go to results/work/synapse/.
-``--doc-only`` rewrites the table and the section from the JSON.
+``--doc-only`` rewrites the table and the section from the JSON. Another ``--out`` (a probe with
+other settings) writes only its own JSON and table.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def run_one(corpus: str, variant: str, seed: int, args) -> dict:
                           splitmerge_every=args.splitmerge_every)
     model_cfg = matched(base, VARIANTS[variant])
     data = config_dict(TrainConfig(model=model_cfg, steps=args.steps, batch=args.batch, seq=args.seq, vocab=args.vocab, seed=seed,
+                                   recall_share=args.recall_share, recall_packing=args.recall_packing,
                                    eval_every=max(1, args.steps // 4), checkpoint_every=max(1, args.steps // 10)))
     cfg = config_from_dict(TrainConfig, data)
     folder = Path(args.work) / f"{corpus}-{variant}-s{seed}"
@@ -217,6 +219,8 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=352)
     ap.add_argument("--splitmerge-every", type=int, default=25, help="metabolism rounds (the model default, 100, gives a 300-step run 3)")
+    ap.add_argument("--recall-share", type=float, default=0.125, help="share of each batch's windows that are recall tasks")
+    ap.add_argument("--recall-packing", type=int, default=0, help="0: one episode per recall window; n: windows packed, each list asked n times")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--out", default=str(OUT))
@@ -252,7 +256,8 @@ def main() -> int:
                 save(res, out)
     if res["runs"]:
         out.with_suffix(".md").write_text(markdown(res))
-        write_evidence(markdown(res))
+        if out.resolve() == OUT:  # only the main matrix owns the evidence section
+            write_evidence(markdown(res))
     print(markdown(res) if res["runs"] else "no runs yet")
     return 0
 

@@ -951,7 +951,7 @@ def synapse_train(
 ):
     """Train a synaptic GPT (tokenizer included) into a run folder; a killed run resumes exactly.
 
-    Config keys: vocab, steps, batch, seq, lr, min_lr, warmup, weight_decay, grad_clip, recall_share,
+    Config keys: vocab, steps, batch, seq, lr, min_lr, warmup, weight_decay, grad_clip, recall_share, recall_packing,
     holdout, eval_every, eval_windows, checkpoint_every, seed, and model.* — the architecture
     (n_layer, n_head, n_embd, intermediate, block_size), the switches (presynaptic, stochastic,
     hebbian) and every biological parameter (see birdbone/synapse/model.py, SynapticConfig).

@@ -328,3 +328,29 @@ def test_eval_scores_the_runs_own_held_out_text(tmp_path):
     text.unlink()
     p = birdbone("synapse", "eval", run, "--json", check=False)
     assert p.returncode == 2 and "is gone" in p.stderr
+
+
+def test_recall_windows_end_on_an_answer_or_pack_episodes():
+    import re
+
+    import numpy as np
+
+    from birdbone.synapse.train import recall_window, train_tokenizer
+
+    corpus_text = "the quick brown fox jumps over the lazy dog and runs away. " * 200
+    tok = train_tokenizer(corpus_text, 300)
+    corpus = np.array(tok.encode(corpus_text).ids)
+
+    def windows(packing):
+        ids = [recall_window(tok, np.random.default_rng(s), corpus, 256, packing) for s in range(20)]
+        assert all(len(w) == 256 for w in ids)
+        return [tok.decode(w.tolist()) for w in ids]
+
+    def questions(w):  # keys asked again after their listing, and passkeys asked for
+        keys = re.findall(r"([a-z]{3})=", w)
+        return len(keys) - len(set(keys)) + w.count("What is the passkey")
+
+    single, packed = windows(0), windows(4)
+    # one episode per window, after corpus text, its answer the window's last characters
+    assert all(w.rstrip()[-1].isdigit() and "fox" in w and questions(w) <= 1 for w in single)
+    assert sum(map(questions, packed)) > 3 * sum(map(questions, single))

@@ -6,9 +6,9 @@ A run folder holds ``config.json`` (the resolved config, the text's sha256), ``t
 ``metrics.jsonl`` and TensorBoard events in ``tb/``. Batches and stochastic release are seeded
 by (seed, step), so a resumed run continues exactly as an uninterrupted one would.
 
-The training mix includes synthetic recall windows packed with episodes — key–value lists queried
-several times, and passkeys hidden in corpus text — so memory can be learned at all
-(``recall_share`` of each batch's windows).
+The training mix includes synthetic recall windows — key–value lists queried at the end, and a
+passkey hidden in corpus text — so memory can be learned at all (``recall_share`` of each batch's
+windows; ``recall_packing`` packs a window with episodes, each list asked several times).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     recall_share: float = 0.125  # share of each batch's windows that are synthetic recall tasks
+    recall_packing: int = 0  # 0: one episode ends each recall window; n > 0: windows packed with episodes, each list asked n times
     holdout: float = 0.1  # the text's last tenth: never trained on
     eval_every: int = 100
     eval_windows: int = 8
@@ -61,8 +62,8 @@ class TrainConfig:
             raise ValueError(f"steps ≥ 1, batch ≥ 1 and 16 ≤ seq ≤ block_size ({self.model.block_size})")
         if not 0 < self.min_lr <= self.lr or self.warmup < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
             raise ValueError("0 < min_lr ≤ lr, warmup ≥ 0, grad_clip > 0, weight_decay ≥ 0")
-        if not 0.0 <= self.recall_share <= 1.0 or not 0.0 < self.holdout < 0.5:
-            raise ValueError("recall_share in [0, 1] and holdout in (0, 0.5)")
+        if not 0.0 <= self.recall_share <= 1.0 or not 0.0 < self.holdout < 0.5 or not 0 <= self.recall_packing <= 8:
+            raise ValueError("recall_share in [0, 1], holdout in (0, 0.5), recall_packing in 0..8")
         if self.eval_every < 1 or self.checkpoint_every < 1 or self.eval_windows < 1:
             raise ValueError("eval_every, checkpoint_every and eval_windows must be ≥ 1")
 
@@ -112,14 +113,21 @@ def recall_text(rng: np.random.Generator, filler: str, queries: int = 1) -> tupl
     return f"The passkey is {key}. Remember it. {filler} What is the passkey? The passkey is ", key
 
 
-def recall_window(tok, rng: np.random.Generator, corpus: np.ndarray, length: int, queries: int = 4) -> np.ndarray:
-    """One training window of ``length`` tokens packed with recall episodes (each key–value list
-    asked ``queries`` times, so most of the window's answers need memory), the last one cut off."""
+def recall_window(tok, rng: np.random.Generator, corpus: np.ndarray, length: int, packing: int = 0) -> np.ndarray:
+    """One training window of ``length`` tokens. ``packing`` 0: corpus text, then one recall
+    episode whose answer ends the window. ``packing`` n > 0: the window packed with episodes, each
+    key–value list asked n times (most of its answers then need memory), the last one cut off."""
     episodes, n = [], 0
     while n < length:
         start = int(rng.integers(0, max(1, len(corpus) - 64)))
         filler = tok.decode(corpus[start : start + int(rng.integers(8, 48))].tolist())
-        context, answer = recall_text(rng, filler, queries)
+        context, answer = recall_text(rng, filler, max(1, packing))
+        if not packing:
+            ids = encode(tok, context + answer)
+            if len(ids) >= length:
+                return ids[-length:]
+            pad_start = int(rng.integers(0, max(1, len(corpus) - length)))
+            return np.concatenate([corpus[pad_start : pad_start + length - len(ids)], ids])
         episodes.append(encode(tok, context + answer + ". "))
         n += len(episodes[-1])
     return np.concatenate(episodes)[:length]
@@ -131,7 +139,7 @@ def batch_at(step: int, cfg: TrainConfig, tok, train: np.ndarray) -> torch.Tenso
     rows = []
     for _ in range(cfg.batch):
         if rng.random() < cfg.recall_share:
-            rows.append(recall_window(tok, rng, train, cfg.seq + 1))
+            rows.append(recall_window(tok, rng, train, cfg.seq + 1, cfg.recall_packing))
         else:
             s = int(rng.integers(0, len(train) - cfg.seq - 1))
             rows.append(train[s : s + cfg.seq + 1])
