@@ -194,7 +194,7 @@ def markdown(res: dict) -> str:
     for name, sub in res["subjects"].items():
         out += [f"### {name} ({sub['file']})", "", f"`{sub.get('command', res['command'])}`", "",
                 f"Profile {sub['profile_seconds']:.0f} s, sensitivity (Fisher screen, held-out slice) {sub['sensitivity_seconds']:.0f} s. "
-                + " ".join(sub["notes"][1:]), "",
+                + " ".join(n.rstrip(".") + "." for n in sub["notes"][1:]), "",
                 "| file | bytes | % of F16 | bpw | types | ppl | Δppl | KLD | top-1 | decode tok/s |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
         for r in sub["rows"]:
             types = ", ".join(f"{k}×{v}" for k, v in r["types"].items())
@@ -224,6 +224,7 @@ def plot(res: dict, path: Path) -> None:
                 ax.plot(*zip(*pts), marker, color=color, label=label, ms=6)
         ax.axhline(sub["rows"][0]["parent_ppl"], color="black", lw=0.8, ls=":", label="F16 parent")
         ax.set_xlabel("file size (MiB)")
+        ax.ticklabel_format(axis="x", useOffset=False)  # one mix alone spans a few kB: show real sizes
         ax.set_ylabel("perplexity, wiki.test.raw")
         ax.set_title(f"{name}: plans vs llama.cpp at equal bytes")
         ax.grid(alpha=0.3)
