@@ -614,7 +614,7 @@ def budget(
     usage: Optional[Path] = typer.Option(None, "--usage", help="Usage profile folder from birdbone profile (its imatrix.gguf is used to quantize)."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Cap: bits per weight over all parameters."),
     target_bytes: Optional[str] = typer.Option(None, "--target-bytes", help="Cap: file bytes, or a llama.cpp mix (e.g. Q4_K_M) whose size with the same importance matrix to match."),
-    method: Optional[str] = typer.Option(None, "--method", help="usage (the bird-bone schedule, default) or greedy (sensitivity per byte)."),
+    method: Optional[str] = typer.Option(None, "--method", help="greedy (sensitivity per byte, default: it won every size in benchmarks/budget_frontier.py) or usage (the bird-bone schedule)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text for the gradient screen and exact checks; its end is held out (default: the built-in Shakespeare excerpt)."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Plan JSON to write."),
     plan_in: Optional[Path] = typer.Option(None, "--plan", help="Show (or --emit) an existing plan instead of making one."),
@@ -623,12 +623,15 @@ def budget(
     sets: List[str] = SET_OPT,
     as_json: bool = JSON_OPT,
 ):
-    """Plan one llama.cpp type per tensor under a byte cap, from measured usage and stress.
+    """Plan one llama.cpp type per tensor under a byte cap, from measured sensitivity or usage.
 
-    Every tensor starts at 8 bits; rounds of a rising usage threshold drop the least-used to the
-    4-bit base; tensors whose held-out loss suffers alone in their type (or with large gradients)
-    get 4 more bits; then the least-used are lowered until the cap holds. --method greedy spends the
-    bytes by first-order sensitivity per byte instead. Apply with: birdbone quantize --plan PLAN -o OUT.
+    --method greedy (default) starts every tensor at its smallest legal type and buys the upgrade
+    that lowers a first-order loss estimate (gradients × quantization error) most per byte, while
+    it fits. --method usage is
+    the bird-bone schedule: every tensor starts at 8 bits; rounds of a rising usage threshold drop the
+    least-used to the 4-bit base; tensors whose held-out loss suffers alone in their type (or with
+    large gradients) get 4 more bits; then the least-used are lowered until the cap holds.
+    Apply with: birdbone quantize --plan PLAN -o OUT.
 
     Config keys: method, types, exclude, base, p_init, rounds, alpha_first, alpha_last, fill,
     stress.{delta,gamma,boost_bits,check_top}, sensitivity.{passes,seq,val_tokens,val_ctx,seed}.
