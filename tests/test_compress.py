@@ -96,12 +96,12 @@ def test_recipe_errors_name_file_line_and_column(tmp_path):
 def test_recipes_diff_after_defaults(tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("stages: [profile, budget, export]\n")
-    b.write_text("stages: [export, budget, profile]\nbudget: {method: usage}\nwaves: {max_wave: 0.1}\n")  # order and defaults do not count
+    b.write_text("stages: [export, budget, profile]\nbudget: {method: greedy}\nwaves: {max_wave: 0.1}\n")  # order and defaults do not count
     changes = diff_recipes(load_recipe(a), load_recipe(b))
     assert changes == []
-    b.write_text("stages: [profile, budget, export]\nbudget: {method: greedy}\n")
+    b.write_text("stages: [profile, budget, export]\nbudget: {method: usage}\n")
     r = json.loads(birdbone("diff", a, b, "--json").stdout)
-    assert r["changes"] == [{"key": "budget.method", "a": "usage", "b": "greedy"}]
+    assert r["changes"] == [{"key": "budget.method", "a": "greedy", "b": "usage"}]
     assert load_config(Recipe, a).seed == load_config(Recipe, a).waves.seed == load_config(Recipe, a).scaffold.seed == 0
 
 
