@@ -254,11 +254,12 @@ def main() -> int:
                             "budget": f"{args.steps} steps × {args.batch} × {args.seq} tokens = {args.steps * args.batch * args.seq:,} tokens per run",
                             "machine": {"python": platform.python_version(), "torch": torch.__version__}})
                 save(res, out)
+    table = markdown(res) if res["runs"] else "no runs yet"
     if res["runs"]:
-        out.with_suffix(".md").write_text(markdown(res))
+        out.with_suffix(".md").write_text(table)
         if out.resolve() == OUT:  # only the main matrix owns the evidence section
-            write_evidence(markdown(res))
-    print(markdown(res) if res["runs"] else "no runs yet")
+            write_evidence(table)
+    print(table)
     return 0
 
 

@@ -511,7 +511,7 @@ def _print_run_tail(metrics: list[dict]) -> None:
     table = Table("wave", "phase", "density", "ppl", "Δppl", "KLD", "heal steps", "history", "s", title="waves (torch, held-out text)", box=None)
     for m in metrics:
         table.add_row(str(m["wave"]), m["phase"], f"{m['density']:.3f}", f"{m['ppl']:.3f}", fmt(m.get("dppl_pct"), "+.2f", "%"),
-                      fmt(m.get("kld"), ".4f"), str(m.get("heal_steps", "-")), fmt(100 * m["history_share"] if "history_share" in m else None, ".1f", "%"),
+                      fmt(m.get("kld"), ".4f"), str(m.get("heal_steps", "-")), fmt(m.get("history_share"), ".1%"),
                       f"{m.get('seconds', 0):.0f}")
     out_console.print(table)
 
@@ -627,10 +627,10 @@ def budget(
 
     --method greedy (default) starts every tensor at its smallest legal type and buys the upgrade
     that lowers a first-order loss estimate (gradients × quantization error) most per byte, while
-    it fits. --method usage is
-    the bird-bone schedule: every tensor starts at 8 bits; rounds of a rising usage threshold drop the
-    least-used to the 4-bit base; tensors whose held-out loss suffers alone in their type (or with
-    large gradients) get 4 more bits; then the least-used are lowered until the cap holds.
+    it fits. --method usage is the bird-bone schedule: every tensor starts at 8 bits; rounds of a
+    rising usage threshold drop the least-used to the 4-bit base; tensors whose held-out loss
+    suffers alone in their type (or with large gradients) get 4 more bits; then the least-used are
+    lowered until the cap holds.
     Apply with: birdbone quantize --plan PLAN -o OUT.
 
     Config keys: method, types, exclude, base, p_init, rounds, alpha_first, alpha_last, fill,

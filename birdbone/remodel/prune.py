@@ -334,7 +334,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
         shapes = {n: m.tensors[n].shape for n in names}
         history = DeltaHistory(run.folder / "history", shapes)
         run.drop_uncommitted(history)
-        model_fp32_bytes = 4 * sum(math.prod(t.shape) for t in m.tensors.values())
+        model_fp32_bytes = 4 * m.n_params
         usage = _usage(run, cfg, progress) if cfg.score != "magnitude" else None
         targets = _targets(run, cfg, m, names, progress)
         lm = load_causal_lm(run.source)
@@ -400,6 +400,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
             n_live = sum(int(mk.sum()) for _, mk in weights.values())
             n_all = sum(mk.size for _, mk in weights.values())
             dppl = 100.0 * (metrics["ppl"] / base_ppl - 1.0)
+            history_share = history.size_bytes() / model_fp32_bytes  # of the whole model at fp32
             breach = dppl > cfg.stop_loss.threshold_pct
             phase = run.state.phase
             advance(run.state, k, breach, cfg.stop_loss)
@@ -411,10 +412,9 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
                         "heal_loss_first": healed.losses[0] if healed else None, "heal_loss_last": healed.losses[-1] if healed else None,
                         "heal_losses": healed.losses if healed else [],
                         "tensor_density": {n: float(weights[n][1].mean()) for n in names},
-                        "history_share": history.size_bytes() / model_fp32_bytes,  # of the whole model at fp32
-                        "seconds": round(time.time() - t0, 1)})
+                        "history_share": history_share, "seconds": round(time.time() - t0, 1)})
             log.info("wave %d (%s): density %.3f, ppl %.3f (%+.2f%%), KLD %.4f; history %.1f %% of the model's fp32 size", k, phase,
-                     n_live / n_all, metrics["ppl"], dppl, metrics["kld"] or float("nan"), 100 * run.metrics[-1]["history_share"])
+                     n_live / n_all, metrics["ppl"], dppl, metrics["kld"] or float("nan"), 100 * history_share)
     return run
 
 

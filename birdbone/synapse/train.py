@@ -113,23 +113,27 @@ def recall_text(rng: np.random.Generator, filler: str, queries: int = 1) -> tupl
     return f"The passkey is {key}. Remember it. {filler} What is the passkey? The passkey is ", key
 
 
+def recall_episode(tok, rng: np.random.Generator, corpus: np.ndarray, queries: int, tail: str = "") -> np.ndarray:
+    """One recall episode's tokens, a passkey's filler drawn from the corpus."""
+    start = int(rng.integers(0, max(1, len(corpus) - 64)))
+    filler = tok.decode(corpus[start : start + int(rng.integers(8, 48))].tolist())
+    context, answer = recall_text(rng, filler, queries)
+    return encode(tok, context + answer + tail)
+
+
 def recall_window(tok, rng: np.random.Generator, corpus: np.ndarray, length: int, packing: int = 0) -> np.ndarray:
     """One training window of ``length`` tokens. ``packing`` 0: corpus text, then one recall
     episode whose answer ends the window. ``packing`` n > 0: the window packed with episodes, each
     key–value list asked n times (most of its answers then need memory), the last one cut off."""
-    episodes, n = [], 0
-    while n < length:
-        start = int(rng.integers(0, max(1, len(corpus) - 64)))
-        filler = tok.decode(corpus[start : start + int(rng.integers(8, 48))].tolist())
-        context, answer = recall_text(rng, filler, max(1, packing))
-        if not packing:
-            ids = encode(tok, context + answer)
-            if len(ids) >= length:
-                return ids[-length:]
-            pad_start = int(rng.integers(0, max(1, len(corpus) - length)))
-            return np.concatenate([corpus[pad_start : pad_start + length - len(ids)], ids])
-        episodes.append(encode(tok, context + answer + ". "))
-        n += len(episodes[-1])
+    if not packing:
+        ids = recall_episode(tok, rng, corpus, 1)
+        if len(ids) >= length:
+            return ids[-length:]
+        pad_start = int(rng.integers(0, max(1, len(corpus) - length)))
+        return np.concatenate([corpus[pad_start : pad_start + length - len(ids)], ids])
+    episodes = [recall_episode(tok, rng, corpus, packing, ". ")]
+    while sum(map(len, episodes)) < length:
+        episodes.append(recall_episode(tok, rng, corpus, packing, ". "))
     return np.concatenate(episodes)[:length]
 
 
