@@ -42,10 +42,10 @@ log = logging.getLogger("budget_frontier")
 
 
 def subject_file(name: str) -> Path:
-    from birdbone.evaluate.compare import f16_form
+    from birdbone.io.float_form import float_form
 
     if name == "builtin":
-        return f16_form("builtin")
+        return float_form("builtin")
     if not FLOAT_SUBJECT.exists():
         raise SystemExit(f"{FLOAT_SUBJECT} is missing: run python benchmarks/make_float_model.py first (about an hour)")
     return FLOAT_SUBJECT
@@ -80,7 +80,7 @@ def written_types(path: Path) -> dict[str, str]:
 def healed_source(parent: Path, planner, tokens, types: dict[str, str], args) -> Path:
     """The parent with one QLoRA-style healing pass against these types merged in, as F32."""
     from birdbone.io.model_file import open_model
-    from birdbone.remodel.budget import heal_quantized
+    from birdbone.remodel.heal import heal_quantized
     from birdbone.remodel.heal import HealConfig
     from birdbone.remodel.rewrite import export_weights
 
@@ -120,7 +120,8 @@ def run_subject(name: str, args) -> dict:
     from birdbone.io.config import load_config
     from birdbone.io.quantize import quantize_file
     from birdbone.measure import profile, write_profile
-    from birdbone.remodel.budget import BudgetConfig, Planner, apply_plan, write_plan
+    from birdbone.remodel.budget import BudgetConfig, Planner
+    from birdbone.remodel.plan import apply_plan, write_plan
 
     parent = subject_file(name)
     work = WORK / name

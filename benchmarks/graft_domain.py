@@ -383,14 +383,15 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from birdbone.anatomy.graft import graft
     from birdbone.anatomy.selection import parse_layers
-    from birdbone.evaluate.compare import EvalConfig, evaluate, f16_form
+    from birdbone.evaluate.compare import EvalConfig, evaluate
+    from birdbone.io.float_form import float_form
     from birdbone.io.model_file import resolve_model_path
     from birdbone.io.runtime import LlamaRuntime
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base_q = resolve_model_path("builtin")
-    base_f16 = f16_form("builtin")
+    base_f16 = float_form("builtin")
     if args.report_only:
         return rewrite_report(Path(args.out), work, base_q, base_f16)
     layers = sorted(parse_layers(args.layers, 30))

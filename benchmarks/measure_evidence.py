@@ -102,9 +102,9 @@ def spearman_ci(x, y, n_boot: int = 2000, seed: int = 0) -> dict:
 # -- subjects ---------------------------------------------------------------------------------------
 def subject_file(subject: str) -> Path:
     if subject == "builtin":
-        from birdbone.evaluate.compare import f16_form
+        from birdbone.io.float_form import float_form
 
-        return f16_form("builtin")
+        return float_form("builtin")
     from make_float_model import SUBJECT_F32
 
     if not SUBJECT_F32.exists():

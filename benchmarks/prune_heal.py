@@ -96,7 +96,7 @@ def trajectory(name: str, extra: list[str], parent: Path, args) -> dict:
 def heal_and_score(m, parent: Path, names: list[str], weights: dict, tokens, steps: int, out: Path, args) -> dict:
     """Heal masked weights for ``steps`` steps (one go), export as F16 and score in llama.cpp."""
     from birdbone.bridge import load_causal_lm
-    from birdbone.bridge.to_gguf import write_like
+    from birdbone.io.gguf_writer import write_like
     from birdbone.remodel.heal import HealConfig, heal, set_weights
     from birdbone.remodel.history import lora_product
 
@@ -199,10 +199,10 @@ def main() -> int:
     for noisy in ("birdbone.llama", "gguf", "birdbone.evaluate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     sys.path.insert(0, str(REPO))
-    from birdbone.evaluate.compare import f16_form
+    from birdbone.io.float_form import float_form
 
     WORK.mkdir(parents=True, exist_ok=True)
-    parent = f16_form("builtin")
+    parent = float_form("builtin")
     res = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else {}
     res.update({"command": "python benchmarks/prune_heal.py " + " ".join(sys.argv[1:]), "args": vars(args),
                 "machine": {"python": platform.python_version(), "cpu_count": len(__import__("os").sched_getaffinity(0))}})

@@ -57,12 +57,13 @@ def main() -> int:
     for noisy in ("birdbone.llama", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from birdbone.evaluate.compare import EvalConfig, evaluate, f16_form
+    from birdbone.evaluate.compare import EvalConfig, evaluate
+    from birdbone.io.float_form import float_form
     from birdbone.io.quantize import quantize_file
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    parent = f16_form("builtin")
+    parent = float_form("builtin")
     cfg = EvalConfig(ctx=args.ctx, tokens=args.tokens, decode=64, canary_tokens=16, threads=args.threads)
     rows = []
     started = time.time()

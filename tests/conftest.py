@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tests.fixtures.tiny import TinyModel, make_tiny_llama  # noqa: E402
 
 
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """birdbone's cache (platformdirs' user cache) goes to a temporary folder, never ~/.cache."""

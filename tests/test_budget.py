@@ -13,9 +13,10 @@ from tests.test_cli import birdbone
 from birdbone.io import open_model
 from birdbone.io.errors import BirdboneError
 from birdbone.io.quantize import quantize_file
-from birdbone.remodel.budget import (
-    BudgetConfig, Ladder, StressConfig, options_for, plan_greedy, plan_usage, read_plan, total, usage_scores, write_plan,
-)
+from birdbone.remodel.budget import BudgetConfig, StressConfig, usage_scores
+from birdbone.remodel.ladder import Ladder, options_for, total
+from birdbone.remodel.plan import read_plan, write_plan
+from birdbone.remodel.planners import plan_greedy, plan_usage
 
 SMALL = ["--set", "sensitivity.val_tokens=256", "--set", "sensitivity.val_ctx=64", "--set", "sensitivity.passes=2", "--set", "sensitivity.seq=32"]
 

@@ -16,7 +16,7 @@ import pytest
 from birdbone.io.config import load_config
 from birdbone.io.errors import BirdboneError
 from birdbone.io.model_file import open_model
-from birdbone.recipe.config import RECIPES, Recipe, diff_recipes, load_recipe
+from birdbone.recipe.config import Recipe, diff_recipes, load_recipe
 from tests.test_cli import birdbone
 
 # a full loop small enough for CI: a healing wave (3 LoRA steps), a plan, a reference to beat

@@ -18,9 +18,9 @@ from birdbone.io.text import iter_windows, plan_windows
 from birdbone.io.runtime import LlamaRuntime
 from birdbone.io.errors import InputError
 from birdbone.io.quantize import quantize_file
+from tests.fixtures import shared_data
 
 GOLDEN = Path(__file__).parent / "golden" / "llama_perplexity_builtin.json"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAST = dict(decode=0, canary_tokens=0, threads=2)
 
 
@@ -100,9 +100,7 @@ def test_short_text_is_a_clear_error(tiny, tmp_path):
 def test_perplexity_parity_with_llama_perplexity():
     """Golden figures from llama.cpp's own llama-perplexity (tests/golden/README.md)."""
     golden = json.loads(GOLDEN.read_text())
-    text = SHARED / golden["text_file"]
-    if not text.exists():
-        pytest.skip(f"{text} is not here (../shared/data)")
+    text = shared_data(*Path(golden["text_file"]).parts)
     cfg = EvalConfig(ctx=golden["n_ctx"], tokens=golden["n_ctx"] * golden["n_chunks"], **FAST)
     from birdbone.evaluate.compare import score_chunks
     from birdbone.io.text import load_text

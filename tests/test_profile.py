@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures import shared_data
 from tests.fixtures import assert_llama_cpp_uses_imatrix
 
 from birdbone.io import open_model
@@ -141,17 +142,15 @@ def test_birdbone_imatrix_beats_none_and_the_shuffled_control(tmp_path):
     """Q4_K_M of the built-in model: KLD against its F16 form on wiki.test, calibrated on
     wikitext-2 valid (never the scored text). Measured on 20,480 tokens: 0.0366 with the imatrix,
     0.0588 without, 0.0568 with it channel-shuffled (benchmarks/results/quant_frontier.md)."""
-    from birdbone.evaluate.compare import EvalConfig, evaluate, f16_form
+    from birdbone.evaluate.compare import EvalConfig, evaluate
+    from birdbone.io.float_form import float_form
     from birdbone.io.quantize import quantize_file
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    calibration, test_text = shared / "wikitext-2-tok" / "valid.txt", shared / "wikitext-2-raw" / "wiki.test.raw"
-    if not calibration.exists() or not test_text.exists():
-        pytest.skip("../shared/data is not here")
+    calibration, test_text = shared_data("wikitext-2-tok", "valid.txt"), shared_data("wikitext-2-raw", "wiki.test.raw")
     folder = write_profile(profile("builtin", calibration, tokens=2048, ctx=512), tmp_path / "usage")
     variants = {"none": None, "birdbone": folder / "imatrix.gguf",
                 "shuffled": shuffle_channels(folder / "imatrix.gguf", tmp_path / "shuffled.gguf")}
-    parent = f16_form("builtin")
+    parent = float_form("builtin")
     cfg = EvalConfig(ctx=512, tokens=4096, decode=0, canary_tokens=0)
     kld = {}
     for label, imatrix in variants.items():

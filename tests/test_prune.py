@@ -168,7 +168,7 @@ def test_bad_requests(tiny, tiny_k, tmp_path):
         load_config(PruneConfig, bad)
     cfg = load_config(PruneConfig, None, ["target_density=0.9", "score=magnitude", "heal.steps=0", "eval_tokens=512", "eval_ctx=64"])
     run_prune(tiny.gguf_f32, tmp_path / "run", cfg)
-    with pytest.raises(InputError, match="belongs to another model"):
+    with pytest.raises(InputError, match="started with another model"):
         run_prune(tiny_k.gguf_f32, tmp_path / "run", cfg)
     with pytest.raises(InputError, match="another config"):
         run_prune(tiny.gguf_f32, tmp_path / "run", load_config(PruneConfig, None, ["target_density=0.8", "eval_tokens=512", "eval_ctx=64"]))

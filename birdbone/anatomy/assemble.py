@@ -23,6 +23,8 @@ from birdbone.anatomy.manifest import Manifest, load_manifest
 from birdbone.io.atomic import check_output
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.gguf_layout import CHUNK, KV, Layout, TensorEntry, write_layout
+from birdbone.io.progress import Progress, tick
+from birdbone.io.report import Line, mib
 
 log = logging.getLogger(__name__)
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -104,3 +106,46 @@ def split_layout(layout: Layout, max_size: int) -> list[Layout]:
         shard_kvs = kvs + split if i == 0 else [kv for kv in kvs if kv.key == "general.alignment"] + split
         shards.append(Layout(shard_kvs, g, layout.version))
     return shards
+
+
+@dataclass
+class AssembleReport:
+    result: AssembleResult
+    identical_to_source: bool  # one output, byte for byte the file the organ folder was dissected from
+    validation: dict | None = None  # llama.cpp loaded it and generated (None: --no-validate)
+    eval: object | None = None  # an EvalReport, when a text was given
+
+    def as_dict(self) -> dict:
+        r = self.result
+        d = {"outputs": [str(p) for p in r.outputs], "bytes": r.bytes, "edited": r.edited, "identical_to_source": self.identical_to_source,
+             "validation": self.validation}
+        if self.eval is not None:
+            d["eval"] = self.eval.as_dict()
+        return d
+
+    def render(self) -> list:
+        r = self.result
+        blocks = [Line(f"wrote {', '.join(map(str, r.outputs))} ({mib(r.bytes)} MiB)" + ("; byte-identical to the source" if self.identical_to_source else "")
+                       + (f"; edited: {', '.join(r.edited)}" if r.edited else ""))]
+        if self.validation:
+            blocks.append(Line(f"llama.cpp loads it and generates: {self.validation['generated']!r}"))
+        return blocks + (self.eval.render() if self.eval is not None else [])
+
+
+def assemble_model(organ_dir: str | Path, out: str | Path, accept_edits: bool = False, split_max_size: str | int | None = None,
+                   validate: bool = True, text: str | Path | None = None, threads: int | None = None,
+                   progress: Progress | None = None) -> AssembleReport:
+    """``birdbone assemble``: the organ folder back as a GGUF, checked in llama.cpp, optionally evaluated on ``text``."""
+    from birdbone.anatomy.validate import validate as validate_file
+    from birdbone.io.hashing import file_sha256
+
+    size = parse_size(split_max_size) if isinstance(split_max_size, str) else split_max_size
+    res = assemble(organ_dir, out, accept_edits, size, tick(progress, "assemble"))
+    source = load_manifest(organ_dir).data["source"]
+    identical = len(res.outputs) == 1 and file_sha256(res.outputs[0]) == source["sha256"]
+    report = AssembleReport(res, identical, validate_file(res.outputs[0], None, threads=threads).as_dict() if validate else None)
+    if text is not None:
+        from birdbone.evaluate.compare import EvalConfig, evaluate
+
+        report.eval = evaluate(res.outputs[0], None, text, EvalConfig(canary_tokens=0, threads=threads), progress)
+    return report

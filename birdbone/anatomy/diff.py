@@ -66,6 +66,18 @@ class ModelDiff:
                 "by_role": self.rollup(lambda t: t.role), "by_layer": self.rollup(lambda t: t.layer),
                 "per_tensor": [asdict(t) for t in self.tensors]}
 
+    def render(self) -> list:
+        from birdbone.io.report import Line, Table, fmt, mib
+
+        s = self.as_dict()
+        table = Table(["role", "tensors", "changed", "MiB A", "MiB B", "mean rel. delta", "pruned", "regrown"],
+                      title=f"{Path(self.a).name} → {Path(self.b).name}: {s['changed']} of {s['tensors']} tensors changed")
+        for r in s["by_role"]:
+            table.add(r["group"], r["tensors"], r["changed"], mib(r["bytes_a"]), mib(r["bytes_b"]), fmt(r["rel_delta_mean"], ".4f"),
+                      f"{r['pruned']:,}", f"{r['regrown']:,}")
+        extra = [Line(f"only in A: {len(self.only_a)} tensors, only in B: {len(self.only_b)}")] if self.only_a or self.only_b else []
+        return [table, *extra]
+
 
 def compare_arrays(a: np.ndarray, b: np.ndarray) -> tuple[float | None, float, float, int, int]:
     """(relative delta norm, zero share of a, zero share of b, pruned, regrown) of two float tensors."""

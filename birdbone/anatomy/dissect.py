@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 from birdbone.anatomy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, ROLE_DIRS, dumps
@@ -21,6 +22,8 @@ from birdbone.io.errors import InputError
 from birdbone.io.gguf_layout import layout_of
 from birdbone.io.gguf_reader import SPLIT_RE, GGUFFile
 from birdbone.io.model_file import resolve_model_path
+from birdbone.io.progress import Progress, tick
+from birdbone.io.report import Line
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -108,3 +111,29 @@ def _dissect_into(f: GGUFFile, src: Path, folder: Path, progress) -> dict:
     }
     (folder / MANIFEST).write_text(dumps(manifest), encoding="utf-8")
     return manifest
+
+
+@dataclass
+class DissectReport:
+    out: Path
+    manifest: dict
+
+    @property
+    def roles(self) -> dict[str, int]:
+        roles: dict[str, int] = {}
+        for t in self.manifest["tensors"]:
+            roles[t["role"]] = roles.get(t["role"], 0) + 1
+        return roles
+
+    def as_dict(self) -> dict:
+        return {"out": str(self.out), "source": self.manifest["source"], "tensors": len(self.manifest["tensors"]), "roles": self.roles}
+
+    def render(self) -> list:
+        src = self.manifest["source"]
+        return [Line(f"dissected {src['name']} into {self.out}: {len(self.manifest['tensors'])} tensors ("
+                     + ", ".join(f"{k} {v}" for k, v in self.roles.items()) + f"); source sha256 {src['sha256'][:16]}…")]
+
+
+def dissect_model(model: str | Path = "builtin", out: str | Path = "organs", progress: Progress | None = None) -> DissectReport:
+    """``birdbone dissect``: one file per tensor (stored bytes untouched) plus ``manifest.json``."""
+    return DissectReport(Path(out), dissect(model, out, tick(progress, "dissect")))

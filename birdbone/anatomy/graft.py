@@ -25,6 +25,8 @@ from birdbone.io.codes import code_change
 from birdbone.io.errors import BirdboneError
 from birdbone.io.gguf_layout import write_layout
 from birdbone.io.quantize import quantize_tensor
+from birdbone.io.progress import Progress, tick
+from birdbone.io.report import Line
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +111,44 @@ def graft(base_path: str | Path, donor_path: str | Path, out: str | Path, layers
         write_layout(out, layout, chunks_of, progress)
     log.info("grafted %d tensor(s) from %s", len(names), donor_path)
     return result
+
+
+@dataclass
+class GraftReport:
+    result: GraftResult
+    validation: dict | None = None
+    eval: object | None = None  # an EvalReport against the base, when a text was given
+
+    def as_dict(self) -> dict:
+        r = self.result
+        d = {"out": str(r.out), "tensors": r.tensors, "converted": r.converted, "changed_share": r.changed_share,
+             "codes_changed": r.codes_changed, "validation": self.validation}
+        if self.eval is not None:
+            d["eval"] = self.eval.as_dict()
+        return d
+
+    def render(self) -> list:
+        r = self.result
+        blocks = [Line(f"grafted {len(r.tensors)} tensor(s) into {r.out}")]
+        if r.converted:
+            mean = sum(r.converted.values()) / len(r.converted)
+            blocks.append(Line(f"{len(r.converted)} converted to the base's types; on average {100 * mean:.2f}% of their quantized codes changed "
+                               "(a small change rounds back onto the base's codes)"))
+        return blocks + (self.eval.render() if self.eval is not None else [])
+
+
+def graft_model(base: str | Path, donor: str | Path, out: str | Path, layers: str | None = None, roles: Iterable[str] | None = None,
+                tensors: str | None = None, convert: bool = False, validate: bool = True, text: str | Path | None = None,
+                threads: int | None = None, progress: Progress | None = None) -> GraftReport:
+    """``birdbone graft``: the donor's selected organs in the base, checked in llama.cpp, optionally
+    evaluated against the base on ``text`` (an organ-folder base has no file to compare with)."""
+    from birdbone.anatomy.validate import validate as validate_file
+
+    res = graft(base, donor, out, layers, roles, tensors, convert, tick(progress, "graft"))
+    report = GraftReport(res, validate_file(res.out, None, threads=threads).as_dict() if validate else None)
+    if text is not None:
+        from birdbone.evaluate.compare import EvalConfig, evaluate
+
+        base_file = Path(base).is_file()
+        report.eval = evaluate(res.out, base if base_file else None, text, EvalConfig(canary_tokens=16 if base_file else 0, threads=threads), progress)
+    return report

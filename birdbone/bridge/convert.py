@@ -19,6 +19,7 @@ from pathlib import Path
 from birdbone.io.atomic import TEMP_PREFIX, check_output, clean_stale_temps
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.model_file import open_model, resolve_model_path
+from birdbone.io.progress import tick
 
 log = logging.getLogger(__name__)
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0")
@@ -64,7 +65,7 @@ def convert(model: str | Path, out: str | Path, out_type: str = "F16", like: str
 def _to_gguf(src: Path, src_format: str, out: Path, out_type: str, like, progress) -> Path:
     from birdbone.bridge.to_gguf import state_dict_to_gguf, write_like
 
-    cb = (lambda i, n: progress("write", i, n)) if progress else None
+    cb = tick(progress, "write")
     if src_format == "gguf":
         if like is not None:
             raise BirdboneError("--like is for safetensors / HF input; a GGUF carries its own metadata")
@@ -121,3 +122,24 @@ def _save_tokenizer(src: Path, folder: Path) -> None:
         tok.save_pretrained(str(folder))
     except Exception as e:  # the weights are still useful without it; say so
         log.warning("%s: transformers could not rebuild the tokenizer from the GGUF (%s); the folder has weights and config only", src, e)
+
+
+class Conversion:
+    """``birdbone convert``'s result: what was written, in which type."""
+
+    def __init__(self, out: Path, type_: str):
+        self.out, self.type = out, type_.upper()
+
+    def as_dict(self) -> dict:
+        return {"out": str(self.out), "type": self.type}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line
+
+        return [Line(f"wrote {self.out} ({self.type})")]
+
+
+def convert_model(model: str | Path = "builtin", out: str | Path = "out.gguf", out_type: str = "F16", like: str | Path | None = None,
+                  progress=None) -> Conversion:
+    """``birdbone convert``: GGUF ↔ safetensors / Hugging Face folder, or another float type."""
+    return Conversion(convert(model, out, out_type, like, progress), out_type)

@@ -1,9 +1,5 @@
-"""A user cache for expensive derived artifacts, keyed by content hash.
-
-What lives here: the F16 form of a quantized parent, and a parent's log-probabilities on a
-text (streamed chunk by chunk, stored as float32 so cached and fresh runs agree exactly, never held whole). Entries are written
-atomically; an entry exists only once complete. The folder is ``platformdirs``' user cache
-(``~/.cache/birdbone`` on Linux; ``XDG_CACHE_HOME`` moves it).
+"""A parent's log-probabilities on a text, in the user cache (:mod:`birdbone.io.cache`): streamed
+chunk by chunk, stored as float32 so cached and fresh runs agree exactly, never held whole.
 """
 
 from __future__ import annotations
@@ -11,8 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -24,19 +19,6 @@ log = logging.getLogger(__name__)
 
 def tokens_sha256(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()
-
-
-def get_or_build(name: str, build: Callable[[Path], None]) -> Path:
-    """The cached file ``name``, built by ``build(tmp_path)`` the first time."""
-    folder = user_cache_dir()
-    clean_stale_temps(folder)
-    path = folder / name
-    if path.exists():
-        return path
-    log.info("building cache entry %s", path)
-    with atomic_path(path) as tmp:
-        build(tmp)
-    return path
 
 
 class LogprobStore:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from birdbone.evaluate.cache import LogprobStore, get_or_build, tokens_sha256
+from birdbone.evaluate.cache import LogprobStore, tokens_sha256
 from birdbone.evaluate.canaries import CANARY_PROMPTS, compare_continuations
 from birdbone.evaluate.kld import KLDAccumulator
 from birdbone.evaluate.perplexity import PerplexityResult, chunk_nll, summarize_nll
@@ -23,37 +23,30 @@ from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import BUILTIN, open_model, resolve_model_path
 from birdbone.io.text import Windows, iter_windows, load_text, tokenize_windows
+from birdbone.io.float_form import describe_parent, float_form
+from birdbone.io.progress import Progress
+from birdbone.io.report import Block, Line, Table, fmt, mib
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    ctx: int = 512
-    tokens: int | None = 4096  # tokens of text to score (None: all)
+    ctx: int = 512  # context window; the second half of each window is scored, as llama-perplexity does
+    tokens: int | None = 4096  # tokens of text to score, in whole windows (0 or null: all)
     decode: int = 64  # decode steps for the speed test (0: skip)
-    canary_tokens: int = 16  # 0: skip canaries
-    threads: int | None = None
-    batch: int = 512
+    canary_tokens: int = 16  # greedy tokens per canary prompt compared with the parent (0: skip)
+    threads: int | None = None  # CPU threads for llama.cpp (null: all cores)
+    batch: int = 512  # llama.cpp's batch size
+
+    def __post_init__(self):
+        if self.ctx < 16 or self.decode < 0 or self.canary_tokens < 0 or self.batch < 1:
+            raise ValueError("ctx ≥ 16, decode ≥ 0, canary_tokens ≥ 0 and batch ≥ 1")
+        if self.tokens is not None and self.tokens <= 0:
+            object.__setattr__(self, "tokens", None)  # 0 means all, as on the command line
 
 
 # -- inputs -----------------------------------------------------------------------------------
-def f16_form(model: str | Path, progress: Progress | None = None) -> Path:
-    """The F16 form of a quantized GGUF (cached by content hash): its dequantized weights."""
-    from birdbone.bridge.to_gguf import write_like
-
-    src = resolve_model_path(model)
-    key = file_sha256(src)[:20]
-
-    def build(tmp: Path) -> None:
-        with open_model(src) as m:
-            cb = (lambda i, n: progress("dequantize to F16", i, n)) if progress else None
-            write_like(m, tmp, {name: (lambda name=name: m.tensor(name)) for name in m.tensors}, "F16", progress=cb)
-
-    return get_or_build(f"f16-{key}.gguf", build)
-
-
 def resolve_parent(model: str | Path, parent: str | Path | None, progress: Progress | None = None) -> Path | None:
     """``builtin`` as a parent (or as the model, with no parent given) means its F16 form."""
     if parent is None and str(model) == BUILTIN:
@@ -61,7 +54,7 @@ def resolve_parent(model: str | Path, parent: str | Path | None, progress: Progr
     if parent is None:
         return None
     if str(parent) == BUILTIN:
-        return f16_form(BUILTIN, progress)
+        return float_form(BUILTIN, progress)
     p = resolve_model_path(parent)
     if not p.exists():
         raise InputError(p, "no such file")
@@ -113,6 +106,33 @@ class EvalReport:
             "text": self.text, "n_ctx": self.n_ctx, "delta_ppl_pct": self.delta_ppl_pct,
             "pct_of_parent_bytes": self.pct_of_parent_bytes, **self.kld, **self.canaries,
         }
+
+    def render(self) -> list[Block]:
+        """Metrics as rows, parent and model as columns: fits an 80-column terminal."""
+        sides = [("parent", self.parent), ("model", self.model)] if self.parent else [("model", self.model)]
+        table = Table(["", *[f"{label}\n{Path(side.path).name}" for label, side in sides]],
+                      title=f"{self.text}: {self.model.ppl.n_tokens if self.model.ppl else 0} tokens scored, ctx {self.n_ctx}")
+
+        def row(name, *cells):
+            table.add(name, *cells[-len(sides):])
+
+        row("size (MiB)", *[mib(s.file_bytes) for _, s in sides])
+        if self.parent:
+            row("% of parent bytes", "100.0%", fmt(self.pct_of_parent_bytes, ".1f", "%"))
+        row("bits per weight", *[f"{s.bits_per_weight:.2f}" for _, s in sides])
+        row("perplexity", *[f"{s.ppl.ppl:.3f} ± {s.ppl.ppl_stderr:.3f}" if s.ppl else "-" for _, s in sides])
+        if self.parent:
+            row("Δppl", "", fmt(self.delta_ppl_pct, "+.2f", "%"))
+            row("KLD mean / p99", "", f"{fmt(self.kld.get('kld_mean'), '.5f')} / {fmt(self.kld.get('kld_p99'), '.4f')}")
+            top1 = self.kld.get("top1_agreement")
+            row("top-1 agreement", "", fmt(None if top1 is None else 100 * top1, ".1f", "%"))
+            if self.canaries:
+                row(f"canaries ({self.canaries['canary_prompts']} prompts, first {self.canaries['canary_tokens']} tokens)", "",
+                    f"{100 * self.canaries['canary_exact']:.0f}% identical")
+        row("prompt tok/s", *[fmt(s.speed.get("prompt_tok_s"), ".0f") for _, s in sides])
+        row("decode tok/s", *[fmt(s.speed.get("decode_tok_s"), ".0f") for _, s in sides])
+        note = describe_parent(Path(self.parent.path)) if self.parent else None
+        return [table, *([Line(note, "dim")] if note else [])]
 
 
 def describe_file(path: Path) -> SideReport:

@@ -185,3 +185,61 @@ def config_dict(cfg) -> dict:
         return v
 
     return plain(dataclasses.asdict(cfg))
+
+
+# -- documentation of config fields (for --help and flags) ---------------------------------------------
+_FIELD_LINE = None
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each field's help text: the comment on the line that declares it (``name: type = default  # help``),
+    so a config's one documentation is its source and flags never restate it."""
+    import inspect
+    import re
+
+    global _FIELD_LINE
+    _FIELD_LINE = _FIELD_LINE or re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = _FIELD_LINE.match(line)
+            if m and m.group(2) and m.group(1) in {f.name for f in dataclasses.fields(klass)}:
+                docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def field_info(cls, dotted: str) -> tuple[Any, str]:
+    """(default, help) of a field, dotted for nested sections (``heal.steps``)."""
+    *sections, name = dotted.split(".")
+    for s in sections:
+        cls = typing.get_type_hints(cls)[s]
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    return default, field_docs(cls).get(name, "")
+
+
+def config_keys(cls, prefix: str = "") -> list[str]:
+    """Every settable key of a config, dotted, with its default: what --set and YAML accept."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default, _ = field_info(cls, f.name)
+            out.append(f"{prefix}{f.name}={_show(default)}")
+    return out
+
+
+def _show(v) -> str:
+    if isinstance(v, tuple):
+        return ",".join(map(str, v))
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)

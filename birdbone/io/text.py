@@ -35,6 +35,17 @@ def load_text(path: str | Path | None) -> tuple[str, str]:
     return text, str(p)
 
 
+def split_holdout(body: str, share: float) -> tuple[str, str]:
+    """(train, held): the text's first 1 − ``share`` and the rest, cut at the last line break at or
+    before that character, so no line is split (at the character itself when no line break
+    precedes it). The one rule every run folder's split follows."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"holdout share {share} is outside (0, 1)")
+    cut = int(len(body) * (1.0 - share))
+    cut = body.rfind("\n", 0, cut) + 1 or cut
+    return body[:cut], body[cut:]
+
+
 @dataclass(frozen=True)
 class Windows:
     n_ctx: int

@@ -11,8 +11,9 @@ activation frequency, head contributions, optional gradients); :func:`write_prof
 """
 
 from birdbone.measure.config import MeasureConfig, MeasureSkipped
-from birdbone.measure.map import Aggregate, FleetRow, ModelMap, aggregate, fleet, measure_model
-from birdbone.measure.profile import profile
+from birdbone.measure.config import ProfileConfig
+from birdbone.measure.map import Aggregate, FleetReport, FleetRow, ModelMap, aggregate, fleet, measure_model, measure_models
+from birdbone.measure.profile import ProfileReport, profile, profile_model
 from birdbone.measure.usage import UsageProfile, write_profile
 from birdbone.measure.report import write_csv, write_fleet_csv, write_html, write_json
 from birdbone.measure.tensor import TensorMeasures, measure_tensor
@@ -20,6 +21,6 @@ from birdbone.measure.theta import THETA_VERSION, theta_v1
 
 __all__ = [
     "THETA_VERSION", "Aggregate", "FleetRow", "MeasureConfig", "MeasureSkipped", "ModelMap", "TensorMeasures", "UsageProfile",
-    "aggregate", "fleet", "measure_model", "measure_tensor", "theta_v1", "write_csv", "write_fleet_csv",
+    "aggregate", "fleet", "measure_model", "measure_models", "profile_model", "FleetReport", "ProfileReport", "ProfileConfig", "measure_tensor", "theta_v1", "write_csv", "write_fleet_csv",
     "write_html", "write_json", "profile", "write_profile",
 ]

@@ -53,3 +53,16 @@ class MeasureConfig:
 
 
 DEFAULT_CONFIG = MeasureConfig()
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """How a usage profile reads its text (``birdbone profile``, a recipe's profile stage)."""
+
+    tokens: int = 4096  # tokens of text to profile (whole windows); 0 = all
+    ctx: int = 512  # window length, as llama-imatrix's -c
+    gradients: bool = False  # also record mean |dL/dw| per weight (one backward pass per window; the taylor score needs it)
+
+    def __post_init__(self):
+        if self.ctx < 16 or (self.tokens and self.tokens < self.ctx):
+            raise ValueError(f"profile: ctx ≥ 16 and tokens ≥ ctx (got tokens {self.tokens}, ctx {self.ctx})")

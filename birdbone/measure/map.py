@@ -21,19 +21,20 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from birdbone.anatomy import ROLES
 from birdbone.io import ModelFile, open_model
 from birdbone.measure.config import DEFAULT_CONFIG, MeasureConfig
 from birdbone.measure.tensor import GROUPS, SKIPPED, TensorMeasures, measure_tensor, unmeasured
 from birdbone.measure.theta import THETA_VERSION
+from birdbone.io.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -273,3 +274,53 @@ def fleet(maps: Iterable[ModelMap]) -> list[FleetRow]:
             bits_per_weight=o.bits_per_weight,
         ))
     return rows
+
+
+@dataclass
+class FleetReport:
+    """``birdbone measure``: one model's map, or several models side by side."""
+
+    maps: list[ModelMap]
+    written: list[str]  # the CSV / HTML files written
+
+    def as_dict(self) -> dict:
+        if len(self.maps) == 1:
+            return self.maps[0].as_dict()
+        return {"fleet": [r.__dict__ for r in fleet(self.maps)], "models": [m.as_dict() for m in self.maps]}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line, Table, fmt
+
+        blocks: list = []
+        for m in self.maps:
+            table = Table(["role", "tensors", "parameters", "θ mean", "θ weighted", "α mean", "stable rank", "kurtosis", "bpw"],
+                          title=f"{Path(m.model).name}: {len(m.tensors)} tensors in {m.seconds:.1f} s ({m.theta_version})")
+            for a in m.by_role():
+                table.add(a.role, a.tensors, f"{a.parameters:,}", fmt(a.theta_mean, ".1f", "°"), fmt(a.theta_weighted, ".1f", "°"),
+                          fmt(a.alpha_mean, ".2f"), fmt(a.stable_rank_mean, ".1f"), fmt(a.kurtosis_mean, ".2f"), fmt(a.bits_per_weight, ".2f"))
+            blocks.append(table)
+            skipped = m.skipped()
+            if skipped:
+                name, why = next(iter(skipped.items()))
+                blocks.append(Line(f"{len(skipped)} tensor(s) with skipped measures (e.g. {name}: {next(iter(why.values()))})", "dim"))
+        if len(self.maps) > 1:
+            table = Table(["model", "architecture", "parameters", "tensors", "θ mean", "α mean", "bpw"], title="fleet")
+            for r in fleet(self.maps):
+                table.add(Path(r.model).name, r.architecture, f"{r.parameters:,}", r.tensors, fmt(r.theta_mean, ".1f", "°"),
+                          fmt(r.alpha_mean, ".2f"), fmt(r.bits_per_weight, ".2f"))
+            blocks.append(table)
+        return blocks + [Line(f"wrote {p}") for p in self.written]
+
+
+def measure_models(models: Sequence[str | os.PathLike] = ("builtin",), jobs: int = 2, csv: str | os.PathLike | None = None,
+                   html: str | os.PathLike | None = None, progress: Progress | None = None) -> FleetReport:
+    """Map every model; write the per-tensor CSV (several models: the fleet table) and the first model's HTML page."""
+    from birdbone.io.progress import relabel
+    from birdbone.measure.report import write_csv, write_fleet_csv, write_html
+
+    maps = [measure_model(m, jobs=jobs, progress=relabel(progress, "measure")) for m in models]
+    if csv:
+        write_fleet_csv(fleet(maps), csv) if len(maps) > 1 else write_csv(maps[0], csv)
+    if html:
+        write_html(maps[0], html)
+    return FleetReport(maps, [str(p) for p in (csv, html) if p])

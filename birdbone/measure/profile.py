@@ -19,17 +19,18 @@ per weight element, are re-permuted to GGUF row order.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from birdbone.io.errors import InputError
+from birdbone.measure.config import ProfileConfig
 from birdbone.measure.usage import UsageProfile
+from birdbone.io.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 # |a| above this counts as "active"; absolute, on the scale of the layer's input (RMS-normed
 # hidden states feed q/k/v and gate/up, so typical magnitudes are ~0.1-1).
 ACT_EPS = 1e-3
@@ -193,3 +194,31 @@ class _Recorder:
         for layer, s in self.head_sum.items():
             c = self.count[f"blk.{layer}.attn_output.weight"]
             prof.head_norm[layer] = (s / max(c, 1)).float().numpy()
+
+
+@dataclass
+class ProfileReport:
+    out: Path
+    profile: UsageProfile
+
+    def as_dict(self) -> dict:
+        p = self.profile
+        return {"out": str(self.out), "files": ["usage.safetensors", "usage.json", "imatrix.gguf"], "model": p.model,
+                "text": p.text_name, "tokens": p.n_tokens, "chunks": p.chunks, "weights": len(p.in_sum2)}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line
+
+        p = self.profile
+        return [Line(f"profiled {len(p.in_sum2)} weights on {p.n_tokens} tokens of {p.text_name}; wrote {self.out}/imatrix.gguf "
+                     "(use it with birdbone quantize --imatrix or llama.cpp's llama-quantize --imatrix)")]
+
+
+def profile_model(model: str | Path = "builtin", out: str | Path = "usage", text: str | Path | None = None,
+                  cfg: ProfileConfig = ProfileConfig(), progress: Progress | None = None, threads: int | None = None) -> ProfileReport:
+    """``birdbone profile``: the usage profile of ``model`` on ``text``, written to the folder ``out``."""
+    from birdbone.measure.usage import write_profile
+
+    prof = profile(model, text, cfg.tokens or None, cfg.ctx, cfg.gradients, progress, threads=threads)
+    write_profile(prof, out)
+    return ProfileReport(Path(out), prof)

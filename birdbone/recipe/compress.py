@@ -1,12 +1,15 @@
 """``birdbone compress``: run a recipe from model to a verified, served-ready GGUF.
 
-The run folder is the pipeline's memory. It holds the resolved recipe, the text split
-(calibration / verify), one output per stage (``map.json``, ``profile/``, ``waves/`` — a prune
-run folder with its DeltaHistory — ``waves.gguf``, ``scaffold.gguf``, ``plan.json``), the
-metrics log (one JSONL row per stage), the verify report, the diff bundle (parent → output) and
-``provenance.json``. ``state.json`` records each finished stage and what it left; a killed run
-resumes after its last finished stage (the waves stage resumes inside its own run folder), and
-since every stage is seeded, a resumed run writes the same bytes as an uninterrupted one.
+:func:`compress` is :func:`~birdbone.recipe.plan.plan_compress` (a frozen list of steps, each
+declaring what it reads and writes) run by :func:`execute`. The run folder (a
+:class:`~birdbone.io.run_folder.RunFolder` of kind ``compress``) is the pipeline's memory. It
+holds the resolved recipe, the text split (calibration / verify), one output per step
+(``map.json``, ``profile/``, ``waves/`` — a prune run folder with its DeltaHistory —
+``waves.gguf``, ``scaffold.gguf``, ``plan.json``, ``export.gguf``), the metrics log (one JSONL
+row per stage), the verify report, the diff bundle (parent → output) and ``provenance.json``.
+``state.json`` records each finished stage; a killed run resumes after its last finished stage
+(the waves stage resumes inside its own run folder), and since every stage is seeded, a resumed
+run writes the same bytes as an uninterrupted one.
 
 Data flows one way through the stages: the float parent (a quantized input's F16 form) → remodelled
 float models (waves, scaffold) → a plan → the quantized GGUF → verify → the output, stamped with
@@ -20,216 +23,176 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from birdbone.io.atomic import write_text_atomic
-from birdbone.io.errors import BirdboneError, InputError
-from birdbone.recipe.config import Recipe, check_out_path
+from birdbone.io.errors import BirdboneError
+from birdbone.io.run_folder import RunFolder, sha256_text
+from birdbone.recipe.config import Recipe
+from birdbone.recipe.plan import EXPORTED, OUTPUT_MODEL, CompressPlan, Step, plan_compress, usage_dir
+from birdbone.io.progress import Progress, tick, relabel
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
-STATE = "state.json"
-EXPORTED = "export.gguf"  # the quantized file before verify stamps it and it moves to -o
 PACKAGES = ("birdbone", "torch", "llama-cpp-python", "gguf", "transformers", "peft", "safetensors", "numpy")
 
 
 @dataclass
 class Work:
-    """What the stages pass along: paths inside the run folder, and the stages' summaries."""
+    """What the steps share: the plan, the run folder and its state, the float parent."""
 
-    run: Path
-    recipe: Recipe
-    input: Path  # the user's model file
-    input_grid: str | None  # the quantized grid the input is stored in (excluded from plans)
+    plan: CompressPlan
+    rf: RunFolder
     parent: Path  # the float form every stage starts from and verify compares against
-    current: Path  # the float model the next stage works on
-    calibration: Path
-    verify_text: Path
-    state: dict = field(default_factory=dict)
+    input_grid: str | None  # the quantized grid the input is stored in (excluded from plans)
+    progress: Progress | None = None
+    threads: int | None = None
+
+    @property
+    def run(self) -> Path:
+        return self.rf.path
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.plan.recipe
+
+    @property
+    def state(self) -> dict:
+        return self.rf.state
 
     @property
     def done(self) -> dict:
         return self.state.setdefault("done", {})
 
-    def path(self, key: str) -> Path | None:
-        value = self.state.get("paths", {}).get(key)
-        return self.run / value if value else None
+    @property
+    def calibration(self) -> Path:
+        return self.run / "calibration.txt"
 
-    def keep(self, key: str, path: Path) -> None:
-        inside = path.resolve().is_relative_to(self.run.resolve())  # the parent lives outside (the user's file, or the cache)
-        self.state.setdefault("paths", {})[key] = str(path.resolve().relative_to(self.run.resolve()) if inside else path.resolve())
+    @property
+    def verify_text(self) -> Path:
+        return self.run / "verify.txt"
 
-    def save(self) -> None:
-        write_text_atomic(self.run / STATE, json.dumps(self.state, indent=1) + "\n")
+    def model(self, name: str) -> Path:
+        """A model the plan names: ``parent``, or a GGUF in the run folder."""
+        return self.parent if name == "parent" else self.run / name
+
+    def usage(self, name: str) -> Path:
+        """The usage profile of model ``name`` in the run folder, profiled on the calibration text the first time."""
+        from birdbone.measure import profile, write_profile
+
+        folder = self.run / usage_dir(name)
+        if not folder.is_dir():  # a profile folder appears whole (written aside, then renamed)
+            cfg = self.recipe.profile
+            write_profile(profile(self.model(name), self.calibration, cfg.tokens, cfg.ctx, cfg.gradients, progress=self.progress), folder)
+        return folder
 
 
 # -- setup ------------------------------------------------------------------------------------------
-def _split_text(text: Path | None, eval_text: Path | None, holdout: float) -> tuple[str, str, str]:
+def split_texts(text: Path | None, eval_text: Path | None, holdout: float) -> tuple[str, str, str]:
     """Calibration body, verify body, and a note on where each came from."""
-    from birdbone.io.text import load_text
+    from birdbone.io.text import load_text, split_holdout
 
     body, name = load_text(text)
     if eval_text is not None:
         held, held_name = load_text(eval_text)
         return body, held, f"calibration: {name}; verify: {held_name}"
-    cut = int(len(body) * (1 - holdout))
-    cut = body.rfind("\n", 0, cut) + 1 or cut  # at a line break, so no word is split
-    return body[:cut], body[cut:], f"{name}: the first {100 * (1 - holdout):.0f} % calibrates, the last {100 * holdout:.0f} % verifies"
+    calibration, held = split_holdout(body, holdout)
+    return calibration, held, f"{name}: the first {100 * (1 - holdout):.0f} % calibrates, the last {100 * holdout:.0f} % verifies"
 
 
-def open_work(model: str | Path, recipe: Recipe, run_dir: Path, out: Path, text: Path | None, eval_text: Path | None,
-              progress: Progress | None = None) -> Work:
+def open_work(plan: CompressPlan, progress: Progress | None = None, threads: int | None = None) -> Work:
     """Create the run folder, or check that it belongs to this model, recipe and text, and load its state."""
-    from birdbone.io.atomic import check_output
+    from birdbone.io.float_form import float_source
     from birdbone.io.hashing import file_sha256
-    from birdbone.io.model_file import resolve_model_path
-    from birdbone.remodel.budget import plan_source
 
-    input_path = resolve_model_path(model)
-    check_out_path(out, run_dir)
-    check_output(out, [input_path, *(p for p in (text, eval_text) if p)])
-    calibration, held, note = _split_text(text, eval_text, recipe.verify.holdout)
-    identity = {"input_sha256": file_sha256(input_path), "recipe_sha256": recipe.sha256,
-                "calibration_sha256": _sha(calibration), "verify_sha256": _sha(held)}
-    run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / STATE).exists():
-            raise InputError(run_dir, "exists and is not a compress run folder (no state.json); use a new --run-dir")
-        state = json.loads((run_dir / STATE).read_text())
-        changed = [k.removesuffix("_sha256") for k, v in identity.items() if state.get("identity", {}).get(k) != v]
-        if changed:
-            raise InputError(run_dir, f"this run was started with another {', '.join(changed)}; use a new --run-dir")
-        log.info("resuming %s after %s", run_dir, ", ".join(state.get("done", {})) or "no finished stage")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        state = {"identity": identity, "done": {}, "paths": {}}
-        write_text_atomic(run_dir / STATE, json.dumps(state, indent=1) + "\n")  # first: a folder killed now is still ours
-    parent, grid = plan_source(input_path, progress)
-    work = Work(run_dir, recipe, input_path, grid, parent, parent, run_dir / "calibration.txt", run_dir / "verify.txt", state)
-    if not work.calibration.exists():
-        write_text_atomic(work.calibration, calibration)
-        write_text_atomic(work.verify_text, held)
-        write_text_atomic(run_dir / "recipe.json", json.dumps(recipe.as_dict(), indent=1) + "\n")
-        state["text"] = note
-        work.save()
-    if state.get("parent") != str(parent):
-        state["parent"] = str(parent)
-        work.save()
-    work.current = work.path("current") or parent
-    return work
+    calibration, held, note = split_texts(plan.text, plan.eval_text, plan.recipe.verify.holdout)
+    identity = {"input_sha256": file_sha256(plan.input), "recipe_sha256": plan.recipe.sha256,
+                "calibration_sha256": sha256_text(calibration), "verify_sha256": sha256_text(held)}
+    rf = RunFolder.open(plan.run, "compress", identity, {"done": {}, "seconds": {}})
+    if rf.state.get("done"):
+        log.info("resuming %s after %s", plan.run, ", ".join(rf.state["done"]))
+    parent, grid = float_source(plan.input, progress)
+    if not (plan.run / "recipe.json").exists():
+        rf.commit({"calibration.txt": calibration, "verify.txt": held, "recipe.json": json.dumps(plan.recipe.as_dict(), indent=1) + "\n"},
+                  text=note)
+    if rf.state.get("parent") != str(parent):
+        rf.commit(parent=str(parent))
+    return Work(plan, rf, parent, grid, progress, threads)
 
 
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-# -- stages -----------------------------------------------------------------------------------------
-def stage_map(w: Work, progress: Progress | None) -> dict:
+# -- stages: each reads what its step declares and writes what it declares --------------------------
+def stage_map(w: Work, step: Step) -> dict:
     from birdbone.measure import measure_model
     from birdbone.measure.report import write_json
 
-    cb = (lambda name, i, n: progress("map", i, n)) if progress else None
-    m = measure_model(w.parent, jobs=2, progress=cb)
+    m = measure_model(w.model(step.model), jobs=2, progress=relabel(w.progress, "map"))
     write_json(m, w.run / "map.json")
     roles = {a.role: {"tensors": a.tensors, "theta_mean": a.theta_mean, "alpha_mean": a.alpha_mean} for a in m.by_role()}
     return {"tensors": len(m.tensors), "theta_version": m.theta_version, "by_role": roles}
 
 
-def usage_of(w: Work, progress: Progress | None) -> Path:
-    """The usage profile of the current model: the profile stage's, or a fresh one after remodelling."""
-    from birdbone.measure import profile, write_profile
-
-    key = f"profile:{w.current.name}"
-    if w.path(key) is not None:
-        return w.path(key)
-    folder = w.run / ("profile" if w.current == w.parent else f"profile-{w.current.stem}")
-    cfg = w.recipe.profile
-    prof = profile(w.current, w.calibration, cfg.tokens, cfg.ctx, progress=progress)
-    write_profile(prof, folder)
-    w.keep(key, folder)
-    w.save()
-    return folder
-
-
-def stage_profile(w: Work, progress: Progress | None) -> dict:
-    folder = usage_of(w, progress)
-    summary = json.loads((folder / "usage.json").read_text())
+def stage_profile(w: Work, step: Step) -> dict:
+    summary = json.loads((w.usage(step.model) / "usage.json").read_text())
     return {"tokens": summary["tokens"], "chunks": summary["chunks"], "weights": len(summary["tensors"])}
 
 
-def stage_waves(w: Work, progress: Progress | None) -> dict:
+def map_alpha(run: Path) -> dict[str, float | None]:
+    """Per tensor α from the map stage's ``map.json``."""
+    return {t["name"]: t.get("alpha") for t in json.loads((run / "map.json").read_text())["tensors"]}
+
+
+def stage_waves(w: Work, step: Step) -> dict:
     from birdbone.remodel.prune import export, run_prune
 
-    run = run_prune(w.current, w.run / "waves", w.recipe.waves, w.calibration, progress)
-    out = w.run / "waves.gguf"
-    res = export(w.run / "waves", out, None, "F16", (lambda i, n: progress("export waves", i, n)) if progress else None)
-    w.current = out
+    usage = w.run / usage_dir(step.model) if usage_dir(step.model) in step.reads else None
+    alpha = map_alpha(w.run) if "map.json" in step.reads else None
+    run = run_prune(w.model(step.model), w.run / "waves", w.recipe.waves, w.calibration, w.progress, usage=usage, alpha=alpha)
+    res = export(w.run / "waves", w.run / OUTPUT_MODEL["waves"], None, "F16", tick(w.progress, "export waves"))
     last = run.metrics[-1]
     return {"waves": res["wave"], "density": res["density"], "phase": run.state.phase,
             "heldout_ppl": last.get("ppl"), "heldout_dppl_pct": last.get("dppl_pct")}
 
 
-def stage_scaffold(w: Work, progress: Progress | None) -> dict:
-    from gguf.constants import GGUFValueType
-
-    from birdbone.anatomy.selection import parse_layers
-    from birdbone.io.model_file import open_model
-    from birdbone.io.runtime import tokenize_texts
-    from birdbone.measure.usage import read_profile
-    from birdbone.remodel.rewrite import export_weights
-    from birdbone.remodel.scaffold import run_scaffold
+def stage_scaffold(w: Work, step: Step) -> dict:
+    from birdbone.remodel.scaffold import scaffold_model
 
     cfg = w.recipe.scaffold
-    prof = read_profile(usage_of(w, progress)) if cfg.activation_aware else None
-    tokens, = tokenize_texts(w.current, w.calibration.read_text(encoding="utf-8"))
-    with open_model(w.current) as m:
-        n_layers = int(m.meta(f"{m.architecture}.block_count", 0) or 0)
-    res = run_scaffold(w.current, prof, tokens, cfg, parse_layers(cfg.layers, n_layers), progress)
-    out = w.run / "scaffold.gguf"
-    with open_model(w.current) as m:
-        export_weights(m, out, res.weights, "F16", {"birdbone.scaffold.rank": (cfg.rank, GGUFValueType.UINT32, None)})
-    w.current = out
+    usage = w.usage(step.model) if cfg.activation_aware else None
+    res = scaffold_model(w.model(step.model), w.run / OUTPUT_MODEL["scaffold"], cfg, w.calibration, usage, cfg.layers, "F16", progress=w.progress)
     explained = [t.get("explained") for t in res.tensors.values() if t.get("explained") is not None]
     return {"matrices": len(res.tensors), "steps": len(res.steps),
             "mean_explained": sum(explained) / len(explained) if explained else None,
             "threshold_scale": res.steps[-1]["threshold_scale"] if res.steps else None}
 
 
-def stage_budget(w: Work, progress: Progress | None) -> dict:
-    from birdbone.remodel.budget import Planner, write_plan
+def stage_budget(w: Work, step: Step) -> dict:
+    from birdbone.remodel.budget import Planner
+    from birdbone.remodel.plan import write_plan
 
     cfg = w.recipe.budget
-    # the current model is a float file, but its weights may still sit on the input's grid
-    planner = Planner.open(w.current, usage_of(w, progress), w.calibration, cfg, progress, grid=w.input_grid)
-    plan = planner.plan(cfg.target_bpw, cfg.target_bytes, progress=progress)
+    # the model is a float file, but its weights may still sit on the input's grid
+    planner = Planner.open(w.model(step.model), w.usage(step.model), w.calibration, cfg, w.progress, grid=w.input_grid)
+    plan = planner.plan(cfg.target_bpw, cfg.target_bytes, progress=w.progress)
     write_plan(plan, w.run / "plan.json")
-    w.keep("plan", w.run / "plan.json")
     return {"method": plan.method, "target": plan.target, "bits_per_weight": plan.bits_per_weight,
             "tensor_bytes": plan.tensor_bytes, "types": plan.histogram(),
             "fortresses": sum(bool(d.get("fortress")) for d in plan.detail.values())}
 
 
-def stage_export(w: Work, progress: Progress | None) -> dict:
+def stage_export(w: Work, step: Step) -> dict:
     from birdbone.io.quantize import quantize_file
-    from birdbone.remodel.budget import apply_plan, read_plan
+    from birdbone.remodel.plan import apply_plan, read_plan
 
-    imatrix = usage_of(w, progress) / "imatrix.gguf" if w.recipe.export.imatrix else None
+    imatrix = w.usage(step.model) / "imatrix.gguf" if w.recipe.export.imatrix else None
     out = w.run / EXPORTED
-    plan = w.path("plan")
-    if plan is not None:
-        res = apply_plan(w.current, read_plan(plan), out, imatrix)
+    if "plan.json" in step.reads:
+        res = apply_plan(w.model(step.model), read_plan(w.run / "plan.json"), out, imatrix)
         how = "plan"
     else:
-        res = quantize_file(w.current, out, w.recipe.export.type, imatrix=imatrix)
+        res = quantize_file(w.model(step.model), out, w.recipe.export.type, imatrix=imatrix)
         how = res.file_type
-    w.keep("exported", out)
     return {"how": how, "imatrix": imatrix is not None, "file_bytes": res.file_bytes, "bits_per_weight": res.bits_per_weight,
             "types": res.type_histogram(), "fallbacks": len(res.fallbacks)}
 
@@ -257,19 +220,19 @@ def guardrails(recipe: Recipe, report: dict, reference: dict | None) -> list[dic
     return checks
 
 
-def stage_verify(w: Work, progress: Progress | None, threads: int | None = None) -> dict:
+def stage_verify(w: Work, step: Step) -> dict:
     from birdbone.evaluate.compare import EvalConfig, evaluate
     from birdbone.io.quantize import quantize_file
 
     v = w.recipe.verify
-    cfg = EvalConfig(ctx=v.ctx, tokens=v.tokens, decode=v.decode, canary_tokens=v.canary_tokens, threads=threads)
-    report = evaluate(w.path("exported"), w.parent, w.verify_text, cfg, progress).as_dict()
+    cfg = EvalConfig(ctx=v.ctx, tokens=v.tokens, decode=v.decode, canary_tokens=v.canary_tokens, threads=w.threads)
+    report = evaluate(w.run / EXPORTED, w.parent, w.verify_text, cfg, w.progress).as_dict()
     reference = None
     if v.reference:
         ref = w.run / f"reference-{v.reference.upper()}.gguf"
-        imatrix = usage_of(w, progress) / "imatrix.gguf" if w.recipe.export.imatrix else None
-        quantize_file(w.parent, ref, v.reference, imatrix=imatrix)
-        reference = evaluate(ref, w.parent, w.verify_text, cfg, progress).as_dict()
+        usage = [r for r in step.reads if r.startswith("profile")]
+        quantize_file(w.parent, ref, v.reference, imatrix=w.run / usage[0] / "imatrix.gguf" if usage else None)
+        reference = evaluate(ref, w.parent, w.verify_text, cfg, w.progress).as_dict()
         ref.unlink()
     checks = guardrails(w.recipe, report, reference)
     result = {"eval": report, "reference": reference, "guardrails": checks, "passed": all(c["passed"] for c in checks)}
@@ -281,15 +244,55 @@ STAGE_RUNNERS = {"map": stage_map, "profile": stage_profile, "waves": stage_wave
                  "budget": stage_budget, "export": stage_export, "verify": stage_verify}
 
 
-# -- the pipeline -----------------------------------------------------------------------------------
+# -- the executor -------------------------------------------------------------------------------------
 @dataclass
 class CompressResult:
     out: Path
     run: Path
+    recipe: str
     stages: dict  # stage -> summary
     verify: dict | None  # the verify report (eval, reference, guardrails, passed)
     passed: bool | None  # None without a verify stage
     seconds: dict
+    extras: dict = field(default_factory=dict)  # other files written beside the output (Modelfile, dvc.yaml)
+
+    def as_dict(self) -> dict:
+        return {"out": str(self.out), "run": str(self.run), "recipe": self.recipe, "passed": self.passed, "stages": self.stages,
+                "verify": self.verify, "seconds": self.seconds, **self.extras}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line, Table, fmt, mib
+
+        table = Table(["stage", "s", "what it did"], title=f"{self.recipe}: {' → '.join(self.stages)}")
+        for stage, summary in self.stages.items():
+            table.add(stage, f"{self.seconds.get(stage, 0):.0f}", stage_words(stage, summary))
+        blocks: list = [table]
+        if self.verify:
+            for c in self.verify["guardrails"]:
+                blocks.append(Line(f"{'pass' if c['passed'] else 'FAIL'} {c['guardrail']} {fmt(c['limit'], '.4g')}: measured {fmt(c['value'], '.4g')}",
+                                   "green" if c["passed"] else "red"))
+            ev = self.verify["eval"]
+            blocks.append(Line(f"{self.out}: {mib(ev['model']['file_bytes'])} MiB ({fmt(ev['pct_of_parent_bytes'], '.1f')} % of the F16 parent), "
+                               f"ppl {ev['model']['ppl']:.3f} vs {ev['parent']['ppl']:.3f} ({fmt(ev['delta_ppl_pct'], '+.2f')} %), "
+                               f"KLD {fmt(ev.get('kld_mean'), '.4f')}, decode {fmt(ev['model']['speed'].get('decode_tok_s'), '.0f')} tok/s"))
+        blocks.append(Line(f"wrote {self.out}; run folder {self.run} (report.json, provenance.json, diff.md)"
+                           + "".join(f"; {k}: {v}" for k, v in self.extras.items())))
+        return blocks
+
+
+def stage_words(stage: str, s: dict) -> str:
+    """One line per compress stage for the table."""
+    from birdbone.io.report import fmt, histogram, mib
+
+    return {
+        "map": lambda: f"{s['tensors']} tensors measured ({s['theta_version']})",
+        "profile": lambda: f"{s['tokens']:,} tokens profiled, {s['weights']} weights",
+        "waves": lambda: f"{s['waves']} waves to density {s['density']:.3f} ({s['phase']}), held-out Δppl {fmt(s['heldout_dppl_pct'], '+.2f')} %",
+        "scaffold": lambda: f"{s['matrices']} matrices, {s['steps']} rank steps, mean explained {fmt(s['mean_explained'], '.3f')}",
+        "budget": lambda: f"{s['method']}: {s['bits_per_weight']:.2f} bpw ({histogram(s['types'])}), {s['fortresses']} fortresses; cap: {s['target']}",
+        "export": lambda: f"{s['how']}{' + imatrix' if s['imatrix'] else ''}: {mib(s['file_bytes'])} MiB, {s['bits_per_weight']:.2f} bpw",
+        "verify": lambda: "guardrails " + ("passed" if s["passed"] else "FAILED"),
+    }[stage]()
 
 
 def output_metadata(w: Work) -> dict:
@@ -302,7 +305,7 @@ def output_metadata(w: Work) -> dict:
         "birdbone.version": (V.STRING, __version__, None),
         "birdbone.recipe.name": (V.STRING, w.recipe.name, None),
         "birdbone.recipe.sha256": (V.STRING, w.recipe.sha256, None),
-        "birdbone.parent.sha256": (V.STRING, w.state["identity"]["input_sha256"], None),
+        "birdbone.parent.sha256": (V.STRING, w.rf.identity["input_sha256"], None),
         "birdbone.stages": (V.ARRAY, list(w.recipe.stages), V.STRING),
         "birdbone.stage_summary": (V.STRING, json.dumps(w.done, sort_keys=True), None),
     }
@@ -323,95 +326,107 @@ def package_versions() -> dict:
     return out
 
 
-def write_provenance(w: Work, out: Path, text: Path | None, eval_text: Path | None, seconds: dict) -> None:
+def write_provenance(w: Work) -> None:
     from birdbone.io.hashing import file_sha256
+    from birdbone.io.run_folder import code_identity
 
+    plan = w.plan
     prov = {
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "cwd": os.getcwd(),
-        "input": {"path": str(w.input), "sha256": w.state["identity"]["input_sha256"]},
+        "input": {"path": str(plan.input), "sha256": w.rf.identity["input_sha256"]},
         "parent_float_form": {"path": str(w.parent), "sha256": file_sha256(w.parent)},
-        "text": {"calibration": str(text) if text else "builtin", "verify": str(eval_text) if eval_text else "held-out tail",
-                 **{k: w.state["identity"][k] for k in ("calibration_sha256", "verify_sha256")}, "note": w.state.get("text")},
+        "text": {"calibration": str(plan.text) if plan.text else "builtin", "verify": str(plan.eval_text) if plan.eval_text else "held-out tail",
+                 **{k: w.rf.identity[k] for k in ("calibration_sha256", "verify_sha256")}, "note": w.state.get("text")},
         "recipe": {"name": w.recipe.name, "sha256": w.recipe.sha256},
-        "output": {"path": str(out), "sha256": file_sha256(out)},
+        "output": {"path": str(plan.out), "sha256": file_sha256(plan.out)},
+        "code": code_identity(),
         "packages": package_versions(),
         "python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-        "seconds": seconds,
+        "seconds": w.state.get("seconds", {}),
     }
     write_text_atomic(w.run / "provenance.json", json.dumps(prov, indent=1) + "\n")
 
 
-def write_diff_bundle(w: Work, out: Path, progress: Progress | None) -> dict:
+def write_diff_bundle(w: Work) -> dict:
     from birdbone.anatomy.diff import diff_models, markdown
 
-    d = diff_models(w.parent, out, (lambda i, n: progress("diff", i, n)) if progress else None)
+    d = diff_models(w.parent, w.plan.out, tick(w.progress, "diff"))
     data = d.as_dict()
     write_text_atomic(w.run / "diff.json", json.dumps(data, indent=1) + "\n")
     write_text_atomic(w.run / "diff.md", markdown(d))
     return {"changed": data["changed"], "tensors": data["tensors"], "bytes_a": data["bytes_a"], "bytes_b": data["bytes_b"]}
 
 
-def compress(model: str | Path, recipe: Recipe, out: str | Path, run_dir: str | Path, text: str | Path | None = None,
-             eval_text: str | Path | None = None, progress: Progress | None = None, threads: int | None = None) -> CompressResult:
-    """Run (or resume) ``recipe`` on ``model``; writes ``out`` even when a guardrail fails (marked in its metadata)."""
+def run_step(w: Work, step: Step) -> None:
+    """One step: its inputs checked, the stage run, its declared outputs checked, then committed."""
+    missing = [r for r in step.reads if r not in ("parent", "input", *step.writes) and not (w.run / r).exists()]
+    if missing:
+        raise BirdboneError(f"{w.run}: the {step.stage} step reads {', '.join(missing)}, which no earlier step wrote")
+    t0 = time.perf_counter()
+    summary = STAGE_RUNNERS[step.stage](w, step)
+    absent = [f for f in step.writes if not (w.run / f).exists()]
+    if absent:  # the plan promised these to later steps
+        raise BirdboneError(f"the {step.stage} step did not write {', '.join(absent)} (a bug: please report it)")
+    seconds = {**w.state.get("seconds", {}), step.stage: round(time.perf_counter() - t0, 2)}
+    done = {**w.done, step.stage: summary}
+    rows = [{"stage": s, "seconds": seconds.get(s), **done[s]} for s in w.recipe.stages if s in done]
+    w.rf.commit({"metrics.jsonl": "".join(json.dumps(r) + "\n" for r in rows)}, done=done, seconds=seconds)
+
+
+def execute(plan: CompressPlan, progress: Progress | None = None, threads: int | None = None) -> CompressResult:
+    """Run (or resume) a compress plan; writes ``plan.out`` even when a guardrail fails (marked in its metadata)."""
     from birdbone.anatomy.body import with_metadata
 
-    out, run_dir = Path(out), Path(run_dir)
-    text, eval_text = (Path(text) if text else None), (Path(eval_text) if eval_text else None)
-    w = open_work(model, recipe, run_dir, out, text, eval_text, progress)
-    seconds = dict(w.state.get("seconds", {}))
-    for i, stage in enumerate(recipe.stages):
-        if stage in w.done:
+    w = open_work(plan, progress, threads)
+    for i, step in enumerate(plan.steps):
+        if step.stage in w.done:
             continue
-        log.info("stage %d/%d: %s", i + 1, len(recipe.stages), stage)
-        t0 = time.perf_counter()
-        runner = STAGE_RUNNERS[stage]
-        summary = runner(w, progress, threads) if stage == "verify" else runner(w, progress)
-        seconds[stage] = round(time.perf_counter() - t0, 2)
-        w.done[stage] = summary
-        w.keep("current", w.current)
-        w.state["seconds"] = seconds
-        w.save()
-        rows = [{"stage": s, "seconds": seconds.get(s), **w.done[s]} for s in recipe.stages if s in w.done]
-        write_text_atomic(w.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    with_metadata(w.path("exported"), out, output_metadata(w))
+        log.info("stage %d/%d: %s", i + 1, len(plan.steps), step.stage)
+        run_step(w, step)
+    with_metadata(w.run / EXPORTED, plan.out, output_metadata(w))
     if "diff" not in w.state:
-        w.state["diff"] = write_diff_bundle(w, out, progress)
-        w.save()
-    write_provenance(w, out, text, eval_text, seconds)
+        w.rf.commit(diff=write_diff_bundle(w))
+    write_provenance(w)
     verify = json.loads((w.run / "verify.json").read_text()) if (w.run / "verify.json").exists() else None
-    report = {"out": str(out), "run": str(run_dir), "recipe": recipe.name, "stages": w.done, "diff": w.state["diff"], "verify": verify,
-              "seconds": seconds}
+    seconds = dict(w.state.get("seconds", {}))
+    report = {"out": str(plan.out), "run": str(plan.run), "recipe": plan.recipe.name, "stages": w.done, "diff": w.state["diff"],
+              "verify": verify, "seconds": seconds}
     write_text_atomic(w.run / "report.json", json.dumps(report, indent=1) + "\n")
-    return CompressResult(out, run_dir, dict(w.done), verify, verify["passed"] if verify else None, seconds)
+    return CompressResult(plan.out, plan.run, plan.recipe.name, dict(w.done), verify, verify["passed"] if verify else None, seconds)
 
 
+def compress(model: str | Path, recipe: Recipe, out: str | Path, run_dir: str | Path | None = None, text: str | Path | None = None,
+             eval_text: str | Path | None = None, progress: Progress | None = None, threads: int | None = None) -> CompressResult:
+    """Plan and run ``recipe`` on ``model`` (resuming ``run_dir`` when it holds this run)."""
+    return execute(plan_compress(model, recipe, out, run_dir, text, eval_text), progress, threads)
 
-def revert_to_stage(run_dir: str | Path, stage: str, out: str | Path, out_type: str = "F16") -> dict:
-    """The model as it stood after ``stage`` of a compress run: a float stage's model (written in
-    ``out_type`` by llama.cpp), or the quantized export byte for byte."""
-    from birdbone.io.atomic import atomic_path, check_output
-    from birdbone.io.quantize import quantize_file
-    from birdbone.recipe.config import STAGES
 
-    run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / STATE).exists():
-        raise InputError(run_dir, "not a compress run folder (no state.json)")
-    state = json.loads((run_dir / STATE).read_text())
-    if stage not in STAGES:
-        raise BirdboneError(f"--to-stage {stage!r}: stages are {', '.join(STAGES)}")
-    if stage not in state["done"]:
-        raise BirdboneError(f"--to-stage {stage}: this run has not finished that stage (finished: {', '.join(state['done']) or 'none'})")
-    check_out_path(out, run_dir)
-    check_output(out)
-    paths = {k: run_dir / v for k, v in state["paths"].items()}
-    if stage in ("export", "verify"):  # the quantized file as verify saw it, byte for byte
-        with atomic_path(out) as tmp:
-            shutil.copyfile(paths["exported"], tmp)
-        return {"out": str(out), "stage": stage, "type": "as exported"}
-    after = {"waves": run_dir / "waves.gguf", "scaffold": run_dir / "scaffold.gguf"}
-    # map and profile leave the parent as it was; a later float stage replaces it
-    model = next((after[s] for s in reversed(STAGES[:STAGES.index(stage) + 1]) if s in after and s in state["done"]), Path(state["parent"]))
-    quantize_file(model, out, out_type)
-    return {"out": str(out), "stage": stage, "type": out_type}
+def compress_model(model: str | Path = "builtin", recipe: str | Path | None = None, sets: list[str] | tuple[str, ...] = (),
+                   out: str | Path = "out.gguf", run_dir: str | Path | None = None, text: str | Path | None = None,
+                   eval_text: str | Path | None = None, ollama: bool = False, dvc: str | Path | None = None, dry_run: bool = False,
+                   progress: Progress | None = None, threads: int | None = None) -> CompressResult | CompressPlan:
+    """``birdbone compress``: load the recipe (a shipped name or a YAML file, ``--set`` applied), plan,
+    and run it — or, with ``dry_run``, return the plan having written nothing. ``ollama`` writes a
+    Modelfile beside the output; ``dvc`` names a folder whose ``dvc.yaml`` gets a stage that reruns it."""
+    from birdbone.recipe.config import load_recipe, recipe_path, unused_sections, unused_warning
+
+    r = load_recipe(recipe, sets)
+    for key in unused_sections(r, sets):
+        log.warning(unused_warning(key))
+    plan = plan_compress(model, r, out, run_dir, text, eval_text)
+    if dry_run:
+        return plan
+    if text is None:
+        log.warning("no --text: calibrating on the package's built-in Shakespeare excerpt (pass your own text for real use)")
+    res = execute(plan, progress, threads)
+    if ollama:
+        from birdbone.recipe.ship import write_modelfile
+
+        res.extras["modelfile"] = str(write_modelfile(plan.out))
+    if dvc is not None:
+        from birdbone.recipe.ship import write_dvc_stage
+
+        res.extras["dvc"] = str(write_dvc_stage(Path(dvc), str(model), recipe_path(recipe), list(sets), plan.text, plan.eval_text,
+                                                plan.out, plan.run))
+    return res

@@ -21,9 +21,9 @@ from pathlib import Path
 from birdbone.io.config import config_dict, load_config
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.types import file_type
+from birdbone.measure.config import ProfileConfig
 from birdbone.remodel.budget import BudgetConfig
-from birdbone.remodel.prune import PruneConfig
-from birdbone.remodel.scaffold import ScaffoldConfig
+from birdbone.remodel.config import PruneConfig, ScaffoldConfig
 
 STAGES = ("map", "profile", "waves", "scaffold", "budget", "export", "verify")
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -31,15 +31,13 @@ DEFAULT_RECIPE = "gentle"
 
 
 @dataclass(frozen=True)
-class ProfileStage:
+class ProfileStage(ProfileConfig):
     """Usage profile of the model (``birdbone profile``): its imatrix feeds every later quantization."""
 
-    tokens: int = 4096
-    ctx: int = 512
-
     def __post_init__(self):
-        if self.ctx < 16 or self.tokens < self.ctx:
-            raise ValueError(f"profile: ctx ≥ 16 and tokens ≥ ctx (got tokens {self.tokens}, ctx {self.ctx})")
+        super().__post_init__()
+        if not self.tokens:
+            raise ValueError("profile: tokens must be set (a recipe reads a bounded share of its text)")
 
 
 @dataclass(frozen=True)
@@ -194,3 +192,77 @@ def diff_recipes(a: Recipe, b: Recipe) -> list[dict]:
     """Keys whose resolved values differ (defaults applied, so spelling and order do not count)."""
     fa, fb = flat(a.as_dict()), flat(b.as_dict())
     return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+@dataclass
+class RecipeDiff:
+    a: str
+    b: str
+    changes: list[dict]  # key, a, b
+
+    def as_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "changes": self.changes}
+
+    def render(self) -> list:
+        from birdbone.io.report import Table
+
+        table = Table(["key", self.a, self.b], title=f"recipe diff ({len(self.changes)} keys differ after defaults)")
+        for c in self.changes:
+            table.add(c["key"], json.dumps(c["a"]), json.dumps(c["b"]))
+        return [table]
+
+
+def is_recipe(name: str | Path) -> bool:
+    """A recipe YAML, or a shipped recipe's name."""
+    name = str(name)
+    return name.endswith((".yaml", ".yml")) or (RECIPES / f"{name}.yaml").is_file()
+
+
+@dataclass
+class RecipeCheck:
+    path: Path
+    recipe: Recipe
+    unused: list[str]  # --set keys aimed at stages the recipe does not run
+
+    def as_dict(self) -> dict:
+        return {"recipe": str(self.path), "name": self.recipe.name, "stages": list(self.recipe.stages), "sha256": self.recipe.sha256,
+                "unused_sets": self.unused}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line
+
+        r = self.recipe
+        return [Line(f"{self.path}: ok — {r.name}: {' → '.join(r.stages)} (sha256 {r.sha256[:12]})"),
+                *(Line(unused_warning(k), "yellow") for k in self.unused)]
+
+
+def unused_warning(key: str) -> str:
+    return f"--set {key}: the {key.split('.')[0]} stage is not in this recipe's stages; the setting is unused"
+
+
+def check_recipe(name_or_path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> RecipeCheck:
+    """``birdbone recipe check``: validate a recipe without running it."""
+    r = load_recipe(name_or_path, sets)
+    return RecipeCheck(recipe_path(name_or_path), r, unused_sections(r, sets))
+
+
+class ShownRecipe:
+    """``birdbone recipe show``: a recipe with every default applied, as YAML."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def as_dict(self) -> dict:
+        return self.recipe.as_dict()
+
+    def render(self) -> list:
+        import yaml
+
+        from birdbone.io.report import Line
+
+        return [Line(yaml.safe_dump(self.recipe.as_dict(), sort_keys=False).rstrip("\n"))]
+
+
+def show_recipe(name_or_path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> ShownRecipe:
+    """A shipped recipe or YAML file with every default applied (none: the default of every key)."""
+    return ShownRecipe(load_recipe(name_or_path, sets) if name_or_path else load_config(Recipe, None, sets))

@@ -1,52 +1,30 @@
 """The precision budget: one llama.cpp type per tensor, chosen under a byte cap.
 
 llama.cpp's mixes (Q4_K_M ...) pick types by a fixed rule; a plan picks them from what was
-measured. Two planners share one ladder of types per tensor:
-
-* ``usage`` (the bird-bone plan): every tensor starts at 8 bits; over R rounds the threshold
-  α_k = α₁ + (α_R − α₁)(k − 1)/(R − 1) rises and tensors whose usage s_b = ū_b / max ū (within
-  their layer, ū the mean squared input activation from ``profile``) is below it drop to the
-  4-bit base, until the cap holds; stressed tensors — alone in their type they raise the held-out
-  loss by more than δ, or their gradient RMS is above γ × the mean — get Δp more bits (the
-  "fortresses"); then the lowest-usage tensors are lowered step by step until the cap holds, and
-  spare bytes go to the highest-usage ones (up to 8 bits).
-* ``greedy`` (what a skeptic tries first): every tensor starts at its smallest type; repeatedly
-  upgrade the tensor whose first-order loss estimate falls most per byte spent, while it fits.
-
-Sizes are exact bytes of the types llama.cpp will write (only types legal for the row width are
-on a tensor's ladder, so nothing falls back); ``apply_plan`` checks them against what llama.cpp
-wrote. The ladder excludes the source's own quantization grid: the built-in model's F16 form is
-dequantized Q4_1, so Q4_1 would be lossless by construction and measure nothing. Other types can
-hold that grid too (Q5_1's imatrix-guided scale search finds half of Q4_1's step and reproduces
-Q4_1 weights almost exactly), so :func:`grid_artifacts` measures every cheaper type on the float
-form and excludes those that reconstruct it better than Q8_0 does.
+measured. :class:`Planner` measures once — the float source, every tensor's ladder
+(:mod:`~birdbone.remodel.ladder`), its usage from the profile and its sensitivity
+(:mod:`~birdbone.remodel.sensitivity`) — and plans any cap with either planner
+(:mod:`~birdbone.remodel.planners`), giving a :class:`~birdbone.remodel.plan.Plan`.
+:func:`budget_model` is the ``birdbone budget`` verb.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.float_form import float_source
+from birdbone.io.progress import Progress
+from birdbone.remodel.ladder import BASE, LADDER, Ladder, grid_artifacts, options_for
+from birdbone.remodel.plan import Plan, llama_quantize_command, planned_names, read_plan, write_plan
+from birdbone.remodel.planners import plan_greedy, plan_usage
 from birdbone.remodel.sensitivity import Sensitivity, SensitivityConfig
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
 
-PLAN_VERSION = 1
-# llama.cpp's per-tensor types by size; at equal size the earlier one is preferred (K > IQ > legacy).
-LADDER = ("Q2_K", "Q3_K", "Q4_K", "IQ4_NL", "Q4_0", "Q4_1", "Q5_K", "Q5_0", "Q5_1", "Q6_K", "Q8_0", "F16")
-BASE = ("Q4_K", "IQ4_NL", "Q4_0")  # the 4-bit class, best first
 METHODS = ("usage", "greedy")
-FILE_TYPE_FOR_OVERRIDES = "Q8_0"  # llama.cpp applies per-tensor overrides only under a quantized file type
 ALIGNMENT_ALLOWANCE = 32  # bytes of padding a GGUF may add per tensor
 
 
@@ -64,7 +42,7 @@ class StressConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    method: str = "greedy"  # it beat the usage schedule at every size in benchmarks/budget_frontier.py
+    method: str = "greedy"  # greedy (sensitivity per byte; it won every size in benchmarks/budget_frontier.py) or usage (the bird-bone schedule)
     types: tuple[str, ...] = LADDER  # the ladder, smallest first; ties keep the earlier type
     exclude: tuple[str, ...] = ("auto",)  # never plan these; "auto": the source's own quantization grid
     base: tuple[str, ...] = BASE  # the base precision a low-usage tensor drops to (first legal)
@@ -94,287 +72,6 @@ class BudgetConfig:
             return self.alpha_first
         return self.alpha_first + (self.alpha_last - self.alpha_first) * (k - 1) / (self.rounds - 1)
 
-
-# -- the ladder of one tensor -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Option:
-    type: str
-    nbytes: int
-    bpw: float
-
-
-def options_for(shape: tuple[int, ...], types: tuple[str, ...], exclude: set[str]) -> list[Option]:
-    """The types llama.cpp can write for a tensor of this shape without falling back, smallest first."""
-    from gguf.constants import GGML_QUANT_SIZES
-
-    from birdbone.io.types import canonical, tensor_type
-
-    width, n = shape[-1], math.prod(shape)
-    by_size: dict[int, Option] = {}
-    for name in types:
-        qt = tensor_type(name)
-        block, size = GGML_QUANT_SIZES[qt]
-        if canonical(name) in exclude or width % block:
-            continue
-        nbytes = n // block * size
-        by_size.setdefault(nbytes, Option(qt.name, nbytes, 8.0 * size / block))
-    return [by_size[k] for k in sorted(by_size)]
-
-
-@dataclass
-class Ladder:
-    """One tensor's options and where the plan stands on them."""
-
-    name: str
-    shape: tuple[int, ...]
-    options: list[Option]
-    usage: float | None  # s_b; None when the profile has no activations for it (embeddings)
-    i: int = 0
-    fortress: bool = False
-    reasons: list[str] = field(default_factory=list)
-    screen: float | None = None
-    exact: float | None = None
-
-    @property
-    def option(self) -> Option:
-        return self.options[self.i]
-
-    @property
-    def s(self) -> float:
-        return 1.0 if self.usage is None else self.usage
-
-    def at_least(self, bits: float) -> int:
-        """Index of the smallest option with at least ``bits`` bits per weight (the top one if none)."""
-        return next((j for j, o in enumerate(self.options) if o.bpw >= bits - 1e-9), len(self.options) - 1)
-
-    def base_index(self, base: tuple[str, ...]) -> int:
-        types = [o.type for o in self.options]
-        for t in base:
-            if t in types:
-                return types.index(t)
-        return self.at_least(4.0)
-
-    def move(self, j: int, why: str) -> None:
-        self.reasons.append(f"{why} → {self.options[j].type}")
-        self.i = j
-
-
-def total(ladders: dict[str, Ladder]) -> int:
-    return sum(l.option.nbytes for l in ladders.values())
-
-
-# -- planners (pure: ladders in, ladders moved) -----------------------------------------------------
-def plan_usage(ladders: dict[str, Ladder], cap: int, cfg: BudgetConfig, sens: Sensitivity | None,
-               progress: Progress | None = None) -> None:
-    for l in ladders.values():
-        l.move(l.at_least(cfg.p_init), f"start at p_init {cfg.p_init:g} bits")
-    for k in range(1, cfg.rounds + 1):
-        if total(ladders) <= cap:
-            break
-        a = cfg.alpha(k)
-        for l in ladders.values():
-            b = l.base_index(cfg.base)
-            if l.s < a and l.i > b:
-                l.move(b, f"round {k}: usage {l.s:.3f} < α {a:.3f}, base precision")
-    if sens is not None:
-        _boost_stressed(ladders, cfg, sens, progress)
-    _rebalance(ladders, cap, cfg)
-    if cfg.fill:
-        _fill(ladders, cap, cfg)
-
-
-def _boost_stressed(ladders: dict[str, Ladder], cfg: BudgetConfig, sens: Sensitivity, progress: Progress | None) -> None:
-    names = list(ladders)
-    for j, n in enumerate(names):
-        ladders[n].screen = sens.estimate(n, ladders[n].option.type)
-        if progress:
-            progress("first-order screen", j + 1, len(names))
-    top = sorted(names, key=lambda n: -ladders[n].screen)[: cfg.stress.check_top]
-    stressed: dict[str, str] = {}
-    for j, n in enumerate(top):
-        l = ladders[n]
-        l.exact = sens.exact(n, l.option.type)
-        if l.exact > cfg.stress.delta:
-            stressed[n] = f"stressed: alone in {l.option.type} it raises the held-out loss {100 * l.exact:+.2f} % (> δ {100 * cfg.stress.delta:g} %)"
-        if progress:
-            progress("exact checks", j + 1, len(top))
-    rms = sens.grad_rms()
-    mean = sum(rms.values()) / max(len(rms), 1)
-    for n, g in rms.items():
-        if g > cfg.stress.gamma * mean and n not in stressed:
-            stressed[n] = f"stressed: gradient RMS {g:.3g} > γ {cfg.stress.gamma:g} × mean {mean:.3g}"
-    for n, why in stressed.items():
-        l = ladders[n]
-        l.fortress = True
-        l.move(l.at_least(l.option.bpw + cfg.stress.boost_bits), f"{why}; fortress, +{cfg.stress.boost_bits:g} bits")
-
-
-def _rebalance(ladders: dict[str, Ladder], cap: int, cfg: BudgetConfig) -> None:
-    """Lower the lowest-usage tensor one step at a time until the cap holds: first down to the base
-    precision, then below it, fortresses last."""
-    tiers = [lambda l: not l.fortress and l.i > l.base_index(cfg.base), lambda l: not l.fortress and l.i > 0, lambda l: l.i > 0]
-    while (over := total(ladders) - cap) > 0:
-        for tier in tiers:
-            cands = [l for l in ladders.values() if tier(l)]
-            if cands:
-                break
-        else:
-            raise BirdboneError(f"the cap is {over:,} bytes below the smallest legal plan ({total(ladders):,} bytes of tensors); raise the target")
-        l = min(cands, key=lambda l: (l.s, -l.option.nbytes, l.name))
-        l.move(l.i - 1, f"rebalance: lowest usage {l.s:.3f}, over the cap")
-
-
-def _fill(ladders: dict[str, Ladder], cap: int, cfg: BudgetConfig) -> None:
-    """Spend what is left under the cap on the highest-usage tensors, one step at a time, up to p_init."""
-    spare = cap - total(ladders)
-    while True:
-        cands = [l for l in ladders.values() if not l.fortress and l.i + 1 < len(l.options)
-                 and l.options[l.i + 1].bpw <= l.options[l.at_least(cfg.p_init)].bpw + 1e-9
-                 and l.options[l.i + 1].nbytes - l.option.nbytes <= spare]
-        if not cands:
-            return
-        l = max(cands, key=lambda l: (l.s, -(l.options[l.i + 1].nbytes - l.option.nbytes), l.name))
-        spare -= l.options[l.i + 1].nbytes - l.option.nbytes
-        l.move(l.i + 1, f"fill: usage {l.s:.3f}, spare bytes under the cap")
-
-
-def plan_greedy(ladders: dict[str, Ladder], cap: int, sens: Sensitivity, progress: Progress | None = None) -> None:
-    """Smallest types first, then the best loss-per-byte upgrade (any step up) while it fits."""
-    names = list(ladders)
-    est: dict[str, list[float]] = {}
-    for j, n in enumerate(names):
-        est[n] = [sens.estimate(n, o.type) for o in ladders[n].options]
-        if progress:
-            progress("first-order estimates", j + 1, len(names))
-    for l in ladders.values():
-        l.move(0, "start at the smallest legal type")
-    if total(ladders) > cap:
-        raise BirdboneError(f"the cap is {total(ladders) - cap:,} bytes below the smallest legal plan ({total(ladders):,} bytes of tensors); raise the target")
-    spare = cap - total(ladders)
-    while True:
-        best, best_ratio = None, 0.0
-        for n, l in ladders.items():
-            e0, b0 = est[n][l.i], l.option.nbytes
-            for j in range(l.i + 1, len(l.options)):
-                db = l.options[j].nbytes - b0
-                gain = e0 - est[n][j]
-                if db <= spare and gain > 0 and gain / db > best_ratio:
-                    best, best_ratio = (n, j), gain / db
-        if best is None:
-            break
-        n, j = best
-        l = ladders[n]
-        spare -= l.options[j].nbytes - l.option.nbytes
-        l.move(j, f"greedy: first-order loss {est[n][l.i]:.3g} → {est[n][j]:.3g}, {best_ratio * 2**20:.3g} per MiB")
-    for n, l in ladders.items():
-        l.screen = est[n][l.i]
-
-
-# -- the plan as a file ---------------------------------------------------------------------------
-@dataclass
-class Plan:
-    model: str
-    source: str  # the float GGUF llama.cpp quantizes
-    source_sha256: str
-    imatrix: str | None
-    method: str
-    cap_tensor_bytes: int
-    target: str  # what the user asked for, in words
-    fixed_bytes: int  # tensors not planned (1-D norms, kept as they are)
-    header_bytes: int
-    n_params: int
-    excluded: list[str]
-    types: dict[str, str]  # tensor -> type
-    detail: dict[str, dict] = field(default_factory=dict)  # tensor -> bytes, usage, fortress, reasons, screen, exact
-    config: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def tensor_bytes(self) -> int:
-        return self.fixed_bytes + sum(d["bytes"] for d in self.detail.values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.tensor_bytes / max(self.n_params, 1)
-
-    def histogram(self) -> dict[str, int]:
-        return dict(Counter(self.types.values()).most_common())
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d = {"version": PLAN_VERSION, **d, "tensor_bytes": self.tensor_bytes, "file_bytes_estimate": self.header_bytes + self.tensor_bytes,
-             "bits_per_weight": self.bits_per_weight, "type_histogram": self.histogram()}
-        return d
-
-
-def write_plan(plan: Plan, out: str | Path) -> Path:
-    from birdbone.io.atomic import write_text_atomic
-
-    write_text_atomic(out, json.dumps(plan.as_dict(), indent=1) + "\n")
-    return Path(out)
-
-
-def read_plan(path: str | Path) -> Plan:
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"is not a JSON plan: {e}") from None
-    if not isinstance(d, dict) or d.get("version") != PLAN_VERSION or not isinstance(d.get("types"), dict):
-        raise InputError(path, f"is not a birdbone precision plan (version {PLAN_VERSION} with a 'types' map)")
-    keys = {f for f in Plan.__dataclass_fields__}
-    try:
-        return Plan(**{k: v for k, v in d.items() if k in keys})
-    except TypeError as e:
-        raise InputError(path, f"plan is missing a field: {e}") from None
-
-
-def overrides(plan_types: dict[str, str]) -> list[str]:
-    """One anchored ``REGEX=TYPE`` per tensor, as llama.cpp's quantizer (and llama-quantize) take them."""
-    return [f"^{re.escape(n)}$={t}" for n, t in sorted(plan_types.items())]
-
-
-def llama_quantize_command(plan: Plan, out: str = "OUT.gguf") -> str:
-    import shlex
-
-    args = ["llama-quantize"]
-    if plan.imatrix:
-        args += ["--imatrix", plan.imatrix]
-    for o in overrides(plan.types):
-        pattern, t = o.rsplit("=", 1)
-        args += ["--tensor-type", f"{pattern}={t.lower()}"]
-    args += [plan.source, out, FILE_TYPE_FOR_OVERRIDES]
-    return " ".join(shlex.quote(a) for a in args)
-
-
-# -- from a model to a plan, and a plan to a file ----------------------------------------------------
-def source_grid(m) -> str | None:
-    """The quantized type most of a GGUF's matrices are stored in, or None for a float file."""
-    from birdbone.io.types import TENSOR_TYPES
-
-    kinds = Counter(t.type for t in m.tensors.values() if len(t.shape) >= 2)
-    quantized = [(c, k) for k, c in kinds.items() if k in TENSOR_TYPES and k not in ("F32", "F16", "BF16")]
-    return max(quantized)[1] if quantized else None
-
-
-def plan_source(model: str | Path, progress: Progress | None = None) -> tuple[Path, str | None]:
-    """The float GGUF a plan quantizes (a quantized input's F16 form) and the input's own grid."""
-    from birdbone.evaluate.compare import f16_form
-    from birdbone.io.model_file import open_model, resolve_model_path
-
-    path = resolve_model_path(model)
-    with open_model(path) as m:
-        if m.format != "gguf":
-            raise InputError(path, "precision plans quantize GGUF files; convert it first (birdbone convert --type F16)")
-        grid = source_grid(m)
-    return (f16_form(model, progress) if grid else path), grid
-
-
-def planned_names(m) -> list[str]:
-    """What a plan assigns a type to: every matrix (1-D norms stay as they are)."""
-    return [n for n, t in m.tensors.items() if len(t.shape) >= 2]
 
 
 def usage_scores(usage, names: list[str]) -> dict[str, float | None]:
@@ -406,37 +103,6 @@ def mix_bytes(source: Path, mix: str, imatrix: str | Path | None) -> int:
     from birdbone.io.quantize import quantize_file
 
     return quantize_file(source, None, mix, imatrix=imatrix, dry_run=True).file_bytes
-
-
-def grid_artifacts(m, names: list[str], types: tuple[str, ...], importance: dict[str, np.ndarray | None]) -> dict[str, float]:
-    """Types below Q8_0's bits that rebuild the float form of a grid-quantized model better than Q8_0
-    does (relative error, with the imatrix), on one tensor per row width: such a type sits on the
-    source's grid, and a plan choosing it would measure that artifact, not skill. Returns type → error."""
-    from gguf.constants import GGML_QUANT_SIZES
-
-    from birdbone.io.quantize import quantize_tensor
-    from birdbone.io.types import tensor_type
-
-    sample = {}
-    for n in names:
-        sample.setdefault(m.tensors[n].shape[-1], n)
-
-    def error(w: np.ndarray, t: str, imp) -> float:
-        return float(np.linalg.norm(quantize_tensor(w, t, imp).dequantize() - w) / max(np.linalg.norm(w), 1e-30))
-
-    q8_bits = 8.0 * GGML_QUANT_SIZES[tensor_type("Q8_0")][1] / GGML_QUANT_SIZES[tensor_type("Q8_0")][0]
-    found: dict[str, float] = {}
-    for width, n in sample.items():
-        w, imp = m.tensor(n).astype(np.float32), importance.get(n)
-        reference = error(w, "Q8_0", imp)
-        for t in types:
-            block, size = GGML_QUANT_SIZES[tensor_type(t)]
-            if width % block or 8.0 * size / block >= q8_bits:
-                continue
-            e = error(w, t, imp)
-            if e < reference:
-                found[tensor_type(t).name] = min(e, found.get(tensor_type(t).name, e))
-    return found
 
 
 @dataclass
@@ -473,7 +139,7 @@ class Planner:
 
         usage = read_profile(usage_dir)
         imatrix = Path(usage_dir) / "imatrix.gguf"
-        source, stored_grid = plan_source(model, progress)
+        source, stored_grid = float_source(model, progress)
         grid = grid or stored_grid
         auto = bool(grid) and "auto" in cfg.exclude
         with open_model(source) as m:
@@ -555,57 +221,49 @@ def build_plan(model: str | Path, usage_dir: str | Path, text: str | Path | None
     return Planner.open(model, usage_dir, text, cfg, progress).plan(target_bpw, target_bytes, progress=progress)
 
 
-def heal_quantized(source: str | Path, types: dict[str, str], tokens, cfg, importance: dict[str, np.ndarray] | None = None,
-                   roles: tuple[str, ...] = ("skeleton", "organ"), progress: Progress | None = None) -> dict[str, np.ndarray]:
-    """A QLoRA-style healing pass for any per-tensor typing (a plan, or the types a llama.cpp mix
-    writes): masked LoRA on the linear layers is trained against the base fake-quantized to each
-    tensor's type (with its imatrix row), then merged into the float weights, which the caller
-    quantizes with the same types again. Returns the merged weights (GGUF names and rows)."""
-    from birdbone.bridge import load_causal_lm
-    from birdbone.io.model_file import open_model
-    from birdbone.remodel.heal import heal, set_weights
-    from birdbone.remodel.history import lora_product
-    from birdbone.remodel.prune import fake_quantize, prunable
+@dataclass
+class BudgetReport:
+    plan: Plan
+    out: Path | None = None  # where the plan was written
+    command: str | None = None  # the plan as a llama-quantize command line (--emit)
 
-    importance = importance or {}
-    with open_model(source) as m:
-        arch = m.architecture
-        names = [n for n in prunable(m, roles) if n in types]
-        weights = {n: m.tensor(n).astype(np.float32) for n in names}
-    lm = load_causal_lm(source)
-    lm.eval()
-    set_weights(lm, {n: (fake_quantize(w, types[n], n, importance.get(n)), np.ones(w.shape, dtype=bool)) for n, w in weights.items()}, arch)
-    cb = (lambda i, total: progress("healing against the quantized base", i, total)) if progress else None
-    res = heal(lm, names, tokens, cfg, arch=arch, progress=cb)
-    return {n: (weights[n] + lora_product(*res.lora[n])).astype(np.float32) for n in names}
+    def as_dict(self) -> dict:
+        return {**self.plan.as_dict(), "out": str(self.out) if self.out else None, "command": self.command}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line, Table, fmt, histogram, mib
+
+        if self.command:
+            return [Line(self.command)]
+        p = self.plan
+        table = Table(["tensor", "type", "bits", "usage", "screen", "exact", "why (last step)"],
+                      title=f"{p.method} plan: {p.bits_per_weight:.3f} bits per weight, {mib(p.header_bytes + p.tensor_bytes)} MiB (cap: {p.target})")
+        for n, t in p.types.items():
+            d = p.detail[n]
+            size = 1
+            for x in d["shape"]:
+                size *= x
+            table.add(n + (" ▲" if d.get("fortress") else ""), t, f"{8 * d['bytes'] / max(1, size):.2f}", fmt(d.get("usage"), ".3f"),
+                      fmt(d.get("screen"), ".2e"), fmt(None if d.get("exact") is None else 100 * d["exact"], "+.2f", "%"), (d.get("reasons") or [""])[-1])
+        blocks = [table, Line(f"types: {histogram(p.histogram())}  (▲ fortress: stressed, given more bits)"), *(Line(n, "dim") for n in p.notes)]
+        if self.out:
+            blocks.append(Line(f"wrote {self.out}; apply with: birdbone quantize {p.model} --plan {self.out} -o OUT.gguf"))
+        return blocks
 
 
-def apply_plan(model: str | Path, plan: Plan, out: str | Path, imatrix: str | Path | None = None, threads: int = 0):
-    """Quantize ``model`` (its float form) with one type per tensor from ``plan``; checks every
-    tensor exists, the type is legal for its width, and llama.cpp wrote exactly the plan."""
-    from birdbone.io.hashing import file_sha256
-    from birdbone.io.model_file import open_model
-    from birdbone.io.quantize import quantize_file
-    from birdbone.io.types import legal_type, tensor_type
-
-    source, _ = plan_source(model)
-    if file_sha256(source) != plan.source_sha256:
-        log.warning("the plan was made for %s; %s differs (same names and shapes are still checked)", plan.source, source)
-    with open_model(source) as m:
-        for n, t in plan.types.items():
-            if n not in m.tensors:
-                raise BirdboneError(f"the plan names {n}, which {source.name} lacks")
-            qt = tensor_type(t)
-            if legal_type(qt, m.tensors[n].shape[-1]) != qt:
-                raise BirdboneError(f"the plan gives {n} type {t}, illegal for its row width {m.tensors[n].shape[-1]}")
-        unplanned = [n for n in planned_names(m) if n not in plan.types]
-    if unplanned:
-        raise BirdboneError(f"the plan has no type for {len(unplanned)} matrices (e.g. {unplanned[0]})")
-    imatrix = imatrix if imatrix is not None else plan.imatrix
-    res = quantize_file(source, out, FILE_TYPE_FOR_OVERRIDES, overrides(plan.types), imatrix, threads=threads)
-    wrong = {n: (t, res.types.get(n)) for n, t in plan.types.items() if res.types.get(n) != tensor_type(t).name}
-    if wrong:
-        Path(out).unlink(missing_ok=True)
-        n, (want, got) = next(iter(wrong.items()))
-        raise BirdboneError(f"llama.cpp wrote {len(wrong)} tensors in other types than planned (e.g. {n}: {got} instead of {want}); nothing written")
-    return res
+def budget_model(model: str | Path = "builtin", usage: str | Path | None = None, cfg: BudgetConfig = BudgetConfig(),
+                 text: str | Path | None = None, target_bpw: float | None = None, target_bytes: int | str | None = None,
+                 out: str | Path | None = None, plan_in: str | Path | None = None, emit: str | None = None,
+                 progress: Progress | None = None) -> BudgetReport:
+    """``birdbone budget``: make a plan (or read ``plan_in``), write it to ``out``, or give it as a llama-quantize command."""
+    if emit not in (None, "llama-quantize"):
+        raise BirdboneError(f"--emit {emit!r}: the one known form is llama-quantize")
+    if plan_in is not None:
+        plan = read_plan(plan_in)
+    else:
+        if usage is None:
+            raise BirdboneError("--usage DIR is needed (make one with: birdbone profile MODEL --text FILE -o DIR)")
+        plan = build_plan(model, usage, text, cfg, target_bpw, target_bytes, progress)
+        if out is not None:
+            write_plan(plan, out)
+    return BudgetReport(plan, Path(out) if out and plan_in is None else None, llama_quantize_command(plan) if emit else None)

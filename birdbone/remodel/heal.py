@@ -16,7 +16,6 @@ masks and B factors between the two orders (a row permutation, so LoRA factors s
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -28,31 +27,10 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 from birdbone.bridge.names import PERMUTED_QK, hf_to_gguf_name, permute_qk, unpermute_qk
 from birdbone.io.errors import BirdboneError
+from birdbone.remodel.config import HealConfig
+from birdbone.io.progress import Progress, tick
 
 log = logging.getLogger(__name__)
-LR_1 = 2e-4  # the plan's first-wave learning rate
-
-
-@dataclass(frozen=True)
-class HealConfig:
-    steps: int = 40  # CPU default: ~5 s per step of 4×128 tokens on the built-in model
-    lr: float = LR_1
-    rank: int = 8
-    alpha: float = 16.0
-    batch: int = 4
-    seq: int = 128
-    kd_weight: float = 0.0  # weight of KL(parent ‖ model) next to cross-entropy
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.steps < 0 or self.lr <= 0 or self.rank < 1 or self.batch < 1 or self.seq < 2 or self.kd_weight < 0:
-            raise BirdboneError(f"heal config out of range: {self}")
-
-    def for_wave(self, k: int, total_waves: int) -> "HealConfig":
-        """The plan's taper: E_k = E_1(1 − (k−1)/R) steps and lr_k = lr_1(1 − (k−1)/R) for wave k of R."""
-        f = max(0.0, 1.0 - (k - 1) / max(total_waves, 1))
-        return HealConfig(max(1, math.ceil(self.steps * f)), self.lr * max(f, 1e-3), self.rank, self.alpha, self.batch,
-                          self.seq, self.kd_weight, self.seed + k)
 
 
 @dataclass
@@ -261,3 +239,28 @@ def heal(lm, names: list[str], tokens: np.ndarray, cfg: HealConfig, parent_logit
         model.eval()
         model.base_model.unload()  # back to the MaskedLinear layers, nothing merged
     return result
+
+
+def heal_quantized(source, types: dict[str, str], tokens, cfg, importance: dict[str, np.ndarray] | None = None,
+                   roles: tuple[str, ...] = ("skeleton", "organ"), progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """A QLoRA-style healing pass for any per-tensor typing (a plan, or the types a llama.cpp mix
+    writes): masked LoRA on the linear layers is trained against the base fake-quantized to each
+    tensor's type (with its imatrix row), then merged into the float weights, which the caller
+    quantizes with the same types again. Returns the merged weights (GGUF names and rows)."""
+    from birdbone.bridge import load_causal_lm
+    from birdbone.io.model_file import open_model
+    from birdbone.remodel.heal import heal, set_weights
+    from birdbone.remodel.history import lora_product
+    from birdbone.remodel.prune import fake_quantize, prunable
+
+    importance = importance or {}
+    with open_model(source) as m:
+        arch = m.architecture
+        names = [n for n in prunable(m, roles) if n in types]
+        weights = {n: m.tensor(n).astype(np.float32) for n in names}
+    lm = load_causal_lm(source)
+    lm.eval()
+    set_weights(lm, {n: (fake_quantize(w, types[n], n, importance.get(n)), np.ones(w.shape, dtype=bool)) for n, w in weights.items()}, arch)
+    cb = tick(progress, "healing against the quantized base")
+    res = heal(lm, names, tokens, cfg, arch=arch, progress=cb)
+    return {n: (weights[n] + lora_product(*res.lora[n])).astype(np.float32) for n in names}

@@ -1,9 +1,11 @@
 """The bird-bone loop: shed density in gentle waves, heal, and back off when the model suffers.
 
-One run lives in a folder::
+One run lives in a folder (a :class:`~birdbone.io.run_folder.RunFolder` of kind ``prune``)::
 
-    config.json     resolved PruneConfig + the source file's sha256 (a resume must match both)
-    calibration.txt the text the scores and healing use (the first 1 − holdout of the text)
+    run.json        identity: the source's and text's sha256, the resolved config, birdbone's code
+    config.json     the resolved PruneConfig and the source file's path and sha256
+    calibration.txt the text the scores and healing use (the first 1 − holdout of the text, split
+                    by :func:`birdbone.io.text.split_holdout`)
     heldout.txt     the rest: the guardrail's evaluation text, never trained on
     usage/          the source model's profile (imatrix values, activation frequency, gradients)
     history/        DeltaHistory: one file per completed wave
@@ -31,8 +33,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -44,80 +47,15 @@ from birdbone.io.config import config_dict
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import open_model, resolve_model_path
+from birdbone.io.run_folder import RunFolder, sha256_text
 from birdbone.io.runtime import tokenize_texts
-from birdbone.remodel.heal import HealConfig, heal, hidden_states, set_weights, token_batches
+from birdbone.remodel.config import HealConfig, PruneConfig, StopLoss
+from birdbone.remodel.heal import heal, hidden_states, set_weights, token_batches
 from birdbone.remodel.history import DeltaHistory, WaveDelta, apply_wave, masked
-from birdbone.remodel.masks import ALLOCATIONS, MAX_WAVE, SCORES, allocate_densities, check_wave, parse_granularity, score, wave
+from birdbone.remodel.masks import allocate_densities, parse_granularity, score, wave
+from birdbone.io.progress import Progress, tick, relabel
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class StopLoss:
-    threshold_pct: float = 3.0  # Δppl vs the unpruned model that counts as suffering (the plan's 3 %)
-    patience: int = 2  # consecutive suffering waves before pruning stops
-    rollback_waves: int = 3  # N_rb: waves that each give back a third of the last wave's weights
-
-    def __post_init__(self):
-        if self.threshold_pct <= 0 or self.patience < 1 or self.rollback_waves < 1:
-            raise ValueError(f"stop_loss out of range: {self}")
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    target_density: float = 0.7
-    max_wave: float = MAX_WAVE
-    score: str = "wanda"
-    granularity: str = "row"  # row, or N:M such as 2:4
-    roles: tuple[str, ...] = ("skeleton", "organ")
-    heal: HealConfig = field(default_factory=HealConfig)
-    stop_loss: StopLoss = field(default_factory=StopLoss)
-    holdout: float = 0.1  # share of the text kept for the guardrail
-    eval_tokens: int = 2048
-    eval_ctx: int = 256
-    calibration_tokens: int = 4096  # profiled for the wanda / usage / taylor scores
-    reinforce: bool = True  # extra healing for layers under stress (recorded for the precision budget)
-    stress_delta: float = 0.01  # δ: a layer is stressed when the output error it adds grew by more than this
-    stress_gamma: float = 2.0  # γ: ... or its gradient norm is above γ × the mean over layers
-    reinforce_share: float = 0.5  # extra steps for stressed layers, as a share of the wave's healing steps
-    rigl: float = 0.0  # share of each row's pruned weights regrown per wave after healing (≤ 0.05; 0: off)
-    qlora: str = ""  # heal against the base fake-quantized to this llama.cpp type (e.g. Q4_K); "": float
-    allocation: str = "uniform"  # uniform, or alpha: per-tensor densities from the baseline map's α (AlphaPruning)
-    allocation_spread: float = 0.1  # alpha: densities span target ± this before the mean is restored
-    seed: int = 0
-
-    def __post_init__(self):
-        check_wave(self.max_wave, self.target_density)
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-        if self.allocation != "uniform" and parse_granularity(self.granularity).kind != "row":
-            raise ValueError("allocation from the map works with row granularity (N:M fixes every tensor's density)")
-        if self.score not in SCORES:
-            raise ValueError(f"score {self.score!r}: choose one of {', '.join(SCORES)}")
-        g = parse_granularity(self.granularity)
-        if g.implied_density is not None and not math.isclose(g.implied_density, self.target_density):
-            raise ValueError(f"granularity {self.granularity} means target_density {g.implied_density:g}")
-        if not set(self.roles) <= {"skeleton", "organ", "other"}:
-            raise ValueError(f"roles {self.roles}: prunable roles are skeleton, organ, other (never embed or norm)")
-        if not 0.0 <= self.rigl <= 0.05:
-            raise ValueError(f"rigl {self.rigl} is outside [0, 0.05]")
-        if self.rigl and g.kind != "row":
-            raise ValueError("rigl regrowth works with row granularity only")
-        if self.qlora:
-            from birdbone.io.types import tensor_type
-
-            tensor_type(self.qlora)
-        if not 0.0 < self.holdout < 0.5 or self.eval_tokens < 2 * self.eval_ctx or self.eval_ctx < 16:
-            raise ValueError("holdout must be in (0, 0.5) and eval_tokens at least two windows of eval_ctx (≥ 16)")
-
-    @property
-    def expected_waves(self) -> int:
-        """R: waves of max_wave each needed to reach the target (the healing taper's horizon)."""
-        lowest = self.target_density - (self.allocation_spread if self.allocation != "uniform" else 0.0)
-        if lowest >= 1.0:
-            return 1
-        return max(1, math.ceil(math.log(max(lowest, 1e-3)) / math.log(1.0 - self.max_wave)))
 
 
 @dataclass
@@ -133,51 +71,41 @@ class RunState:
 
 
 class Run:
-    """A run folder: its config, text split, history, metrics and state."""
+    """A prune run folder (:class:`~birdbone.io.run_folder.RunFolder` of kind ``prune``): its
+    config, text split, history, metrics and state."""
 
-    def __init__(self, folder: str | Path, source: str | Path, cfg: PruneConfig, text: str | Path | None):
+    def __init__(self, folder: str | Path, source: str | Path, cfg: PruneConfig, text: str | Path | None, extra: dict | None = None):
+        from birdbone.io.text import load_text, split_holdout
+
         self.folder = Path(folder)
         self.source = resolve_model_path(source)
         self.cfg = cfg
-        self.config = {"source": {"path": str(self.source), "sha256": file_sha256(self.source)}, "prune": config_dict(cfg)}
-        path = self.folder / "config.json"
-        if path.exists():
-            old = json.loads(path.read_text(encoding="utf-8"))
-            if old.get("source", {}).get("sha256") != self.config["source"]["sha256"]:
-                raise InputError(self.folder, f"this run folder belongs to another model ({old.get('source', {}).get('path')})")
-            if old.get("prune") != self.config["prune"]:
-                raise InputError(self.folder, "this run folder was started with another config; use a new --run-dir")
-        else:
-            if self.folder.exists() and any(self.folder.iterdir()):
-                raise InputError(self.folder, "run folder exists and is not a birdbone run (no config.json)")
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._split_text(text)
-            write_text_atomic(path, json.dumps(self.config, indent=2))
-        self.state = RunState(**json.loads((self.folder / "state.json").read_text())) if (self.folder / "state.json").exists() else RunState()
-
-    def _split_text(self, text) -> None:
-        from birdbone.io.text import load_text
-
         body, name = load_text(text)
-        cut = int(len(body) * (1.0 - self.cfg.holdout))
-        nl = body.find("\n", cut)
-        cut = nl + 1 if nl >= 0 else cut
-        write_text_atomic(self.folder / "calibration.txt", body[:cut])
-        write_text_atomic(self.folder / "heldout.txt", body[cut:])
-        (self.folder / "text-source.txt").write_text(name + "\n", encoding="utf-8")
+        source_sha = file_sha256(self.source)
+        self.config = {"source": {"path": str(self.source), "sha256": source_sha}, "prune": config_dict(cfg)}
+        identity = {"source_sha256": source_sha, "text_sha256": sha256_text(body), "config": config_dict(cfg),
+                    **{k: v for k, v in (extra or {}).items() if v is not None}}
+        self.rf = RunFolder.open(self.folder, "prune", identity, RunState().as_dict())
+        if not (self.folder / "heldout.txt").exists():  # new, or killed before its split was written
+            calibration, held = split_holdout(body, cfg.holdout)
+            self.rf.commit({"calibration.txt": calibration, "heldout.txt": held, "text-source.txt": name + "\n",
+                            "config.json": json.dumps(self.config, indent=2)})
+        self.state = RunState(**self.rf.state)
 
     @property
     def metrics(self) -> list[dict]:
         path = self.folder / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        return [m for m in rows if m["wave"] <= self.state.waves]  # rows past the committed state were never committed
 
     def commit(self, metrics: dict) -> None:
+        """The wave's metrics row, then the state: the commit point (its history file is already written)."""
         from birdbone.remodel.report import log_wave
 
-        earlier = [m for m in self.metrics if m["wave"] < metrics["wave"]]
-        new_wave = len(earlier) == len(self.metrics)
-        write_text_atomic(self.folder / "metrics.jsonl", "\n".join(json.dumps(m) for m in [*earlier, metrics]) + "\n")
-        write_text_atomic(self.folder / "state.json", json.dumps(self.state.as_dict(), indent=2))
+        committed = self.metrics
+        earlier = [m for m in committed if m["wave"] < metrics["wave"]]
+        new_wave = not committed or committed[-1] != metrics  # the last commit ("done") repeats its wave's row
+        self.rf.commit({"metrics.jsonl": "\n".join(json.dumps(m) for m in [*earlier, metrics]) + "\n"}, **self.state.as_dict())
         if new_wave:
             log_wave(self.folder, [*earlier, metrics])
 
@@ -270,7 +198,8 @@ def prunable(m, roles) -> list[str]:
 
 
 def _usage(run: Run, cfg: PruneConfig, progress: Progress | None):
-    """The source model's profile on the calibration text (cached in the run folder)."""
+    """The source model's profile on the calibration text (in the run folder: copied from the one
+    given to :func:`run_prune`, or profiled here)."""
     from birdbone.measure import profile, write_profile
     from birdbone.measure.usage import read_profile
 
@@ -283,20 +212,36 @@ def _usage(run: Run, cfg: PruneConfig, progress: Progress | None):
     return read_profile(folder)
 
 
-def _targets(run: Run, cfg: PruneConfig, m, names: list[str], progress: Progress | None) -> dict[str, float]:
-    """Each tensor's target density: the config's, or allocated from the source's α (cached in the run folder)."""
+def _targets(run: Run, cfg: PruneConfig, m, names: list[str], alpha: dict[str, float | None] | None,
+             progress: Progress | None) -> dict[str, float]:
+    """Each tensor's target density: the config's, or allocated from the source's α (the map's when
+    given, else measured here; cached in the run folder)."""
     if cfg.allocation == "uniform":
         return {n: cfg.target_density for n in names}
     path = run.folder / "allocation.json"
     if not path.exists():
-        from birdbone.measure import measure_model
+        if alpha is None:
+            from birdbone.measure import measure_model
 
-        cb = (lambda name, i, total: progress("baseline map (α)", i, total)) if progress else None
-        mp = measure_model(m, names=names, progress=cb)
-        alpha = {t.name: t.alpha for t in mp.tensors}
+            mp = measure_model(m, names=names, progress=relabel(progress, "baseline map (α)"))
+            alpha = {t.name: t.alpha for t in mp.tensors}
+        alpha = {n: alpha.get(n) for n in names}
         dens = allocate_densities(alpha, {n: m.tensors[n].n_params for n in names}, cfg.target_density, cfg.allocation_spread)
         write_text_atomic(path, json.dumps({"allocation": cfg.allocation, "alpha": alpha, "target_density": dens}, indent=1) + "\n")
     return json.loads(path.read_text())["target_density"]
+
+
+def reusable_usage(folder: Path | None, score: str) -> Path | None:
+    """A usage profile the wave scores can use as it is (taylor needs its gradients), or None."""
+    if folder is None or score == "magnitude":
+        return None
+    if score == "taylor":
+        from birdbone.measure.usage import read_profile
+
+        if not read_profile(folder).grad_abs:
+            log.info("%s has no gradients; the taylor score profiles its own", folder)
+            return None
+    return Path(folder)
 
 
 def _scores(kind: str, name: str, w: np.ndarray, usage) -> np.ndarray:
@@ -316,13 +261,25 @@ def _evaluate(lm, run: Run, cfg: PruneConfig, progress: Progress | None) -> dict
 
 
 def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: str | Path | None = None,
-              progress: Progress | None = None) -> Run:
-    """Run (or resume) the loop until the target density is reached or the stop-loss ends it."""
+              progress: Progress | None = None, usage: str | Path | None = None, alpha: dict[str, float | None] | None = None) -> Run:
+    """Run (or resume) the loop until the target density is reached or the stop-loss ends it.
+
+    ``usage``: a profile of ``source`` to score with (a compress run's profile stage) instead of
+    profiling the calibration part again; ``alpha``: per-tensor α (a compress run's map) for
+    ``allocation=alpha``. Both become part of the run's identity."""
+    import shutil
+
     import torch
 
     from birdbone.bridge import load_causal_lm
 
-    run = Run(run_dir, source, cfg, text)
+    usage = reusable_usage(Path(usage) if usage else None, cfg.score)
+    extra = {"usage_sha256": file_sha256(usage / "usage.safetensors") if usage else None,
+             "alpha": alpha if cfg.allocation != "uniform" else None}
+    run = Run(run_dir, source, cfg, text, extra)
+    if usage is not None and not (run.folder / "usage").exists():
+        shutil.copytree(usage, run.folder / f".birdbone-tmp-usage-{os.getpid()}")
+        os.replace(run.folder / f".birdbone-tmp-usage-{os.getpid()}", run.folder / "usage")
     if run.state.phase == "done":
         return run
     torch.manual_seed(cfg.seed)
@@ -336,7 +293,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
         run.drop_uncommitted(history)
         model_fp32_bytes = 4 * m.n_params
         usage = _usage(run, cfg, progress) if cfg.score != "magnitude" else None
-        targets = _targets(run, cfg, m, names, progress)
+        targets = _targets(run, cfg, m, names, alpha, progress)
         lm = load_causal_lm(run.source)
         tokens, held = tokenize_texts(run.source, *((run.folder / f).read_text(encoding="utf-8") for f in ("calibration.txt", "heldout.txt")))
         source_text = (run.folder / "text-source.txt").read_text(encoding="utf-8").strip()
@@ -385,7 +342,7 @@ def run_prune(source: str | Path, run_dir: str | Path, cfg: PruneConfig, text: s
             after = masked(apply_wave(state, delta))  # pruned and given back, not healed yet
             set_weights(lm, {n: (fake_quantize(w, cfg.qlora, n), mk) for n, (w, mk) in after.items()} if cfg.qlora else after)
             hcfg = cfg.heal.for_wave(min(k, cfg.expected_waves), cfg.expected_waves)
-            healed = heal(lm, touched, tokens, hcfg, progress=(lambda i, n_, k=k: progress(f"heal wave {k}", i, n_)) if progress else None) \
+            healed = heal(lm, touched, tokens, hcfg, progress=tick(progress, f"heal wave {k}")) \
                 if hcfg.steps > 0 and touched else None
             if healed:
                 delta.lora = healed.lora
@@ -454,3 +411,43 @@ def export(run_dir: str | Path, out: str | Path, wave_k: int | None = None, out_
         export_weights(m, out, {n: w for n, (w, _) in weights.items()}, out_type, meta, count_zeros, progress)
     density = sum(int(mk.sum()) for _, mk in weights.values()) / max(1, sum(mk.size for _, mk in weights.values()))
     return {"out": str(out), "wave": k, "type": out_type, "density": density}
+
+
+def waves_table(metrics: list[dict]):
+    """The per-wave table of a prune run (``birdbone prune`` and ``birdbone report``)."""
+    from birdbone.io.report import Table, fmt
+
+    table = Table(["wave", "phase", "density", "ppl", "Δppl", "KLD", "heal steps", "history", "s"], title="waves (torch, held-out text)")
+    for m in metrics:
+        table.add(m["wave"], m["phase"], f"{m['density']:.3f}", f"{m['ppl']:.3f}", fmt(m.get("dppl_pct"), "+.2f", "%"), fmt(m.get("kld"), ".4f"),
+                  m.get("heal_steps", "-"), fmt(m.get("history_share"), ".1%"), f"{m.get('seconds', 0):.0f}")
+    return table
+
+
+@dataclass
+class PruneReport:
+    run_dir: Path
+    waves: list[dict]  # the run's metrics, one row per committed wave
+    export: dict  # out, wave, type, density
+    eval: object  # EvalReport: the exported file in llama.cpp on the held-out text
+
+    def as_dict(self) -> dict:
+        return {**self.export, "run_dir": str(self.run_dir), "waves": self.waves, "eval": self.eval.as_dict()}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line
+
+        e = self.export
+        return [waves_table(self.waves), Line(f"wrote {e['out']} (wave {e['wave']}, density {e['density']:.3f}, {e['type']}); "
+                                              "llama.cpp on the held-out text:"), *self.eval.render()]
+
+
+def prune_model(model: str | Path, out: str | Path, run_dir: str | Path, cfg: PruneConfig = PruneConfig(), text: str | Path | None = None,
+                out_type: str = "F16", progress: Progress | None = None, threads: int | None = None) -> PruneReport:
+    """``birdbone prune``: run (or resume) the waves, export the last one, and score it in llama.cpp on the held-out text."""
+    from birdbone.evaluate.compare import EvalConfig, evaluate
+
+    run = run_prune(model, run_dir, cfg, text, progress)
+    res = export(run_dir, out, None, out_type, tick(progress, "export"))
+    ecfg = EvalConfig(ctx=cfg.eval_ctx, tokens=cfg.eval_tokens, decode=0, canary_tokens=0, threads=threads)
+    return PruneReport(Path(run_dir), run.metrics, res, evaluate(out, model, Path(run_dir) / "heldout.txt", ecfg, progress))

@@ -111,19 +111,31 @@ class PurifyResult:
     theta_after: dict[str, float | None] = field(default_factory=dict)
     relative_change: dict[str, float] = field(default_factory=dict)  # ||after − before|| / ||before||, as stored
 
+    eval: object | None = None  # an EvalReport against the input, when asked for
+
     def as_dict(self) -> dict:
         return {"out": str(self.out), "method": self.method, "strength": self.strength, "tensors": self.tensors,
                 "types": self.types, "theta_before": self.theta_before, "theta_after": self.theta_after,
-                "relative_change": self.relative_change}
+                "relative_change": self.relative_change, "eval": self.eval.as_dict() if self.eval is not None else None}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line, Table, fmt
+
+        table = Table(["tensor", "type", "θ before", "θ after", "‖Δ‖/‖W‖"], title=f"{self.method} purify, strength {self.strength:g}")
+        for n in self.tensors:
+            table.add(n, self.types[n], fmt(self.theta_before[n], ".2f"), fmt(self.theta_after[n], ".2f"), f"{self.relative_change[n]:.4f}")
+        return [table, Line(f"wrote {self.out} ({len(self.tensors)} tensor(s) purified)"), *(self.eval.render() if self.eval is not None else [])]
 
 
 def purify_model(src: str | Path, out: str | Path, method: str, strength: float = 0.5, roles: Iterable[str] | None = None,
                  layers: str | None = None, tensors: str | None = None, out_type: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> PurifyResult:
+                 progress: Callable[[int, int], None] | None = None, evaluate_with=None, text: str | Path | None = None) -> PurifyResult:
     """Purify the chosen 2-D weights of a GGUF (or organ folder) and write a GGUF.
 
     Each purified tensor is stored in its input type (requantized with ggml) or in ``out_type``;
-    everything else is copied byte for byte. Provenance goes under ``birdbone.purify.*``.
+    everything else is copied byte for byte. Provenance goes under ``birdbone.purify.*``. With
+    ``evaluate_with`` (an ``EvalConfig``), the output is scored against the input on ``text`` (an
+    organ folder has no file to compare with, so then the output is scored alone).
     """
     if method not in METHODS:
         raise BirdboneError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -149,4 +161,8 @@ def purify_model(src: str | Path, out: str | Path, method: str, strength: float 
         }
         result.types = rewrite_tensors(body, out, names, lambda name, x: purify(x, strength), out_type, provenance, observe, progress)
     log.info("purified %d tensor(s) with %s at strength %g", len(names), method, strength)
+    if evaluate_with is not None:
+        from birdbone.evaluate.compare import evaluate
+
+        result.eval = evaluate(out, None if Path(src).is_dir() else src, text, evaluate_with)
     return result

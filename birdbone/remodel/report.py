@@ -105,3 +105,25 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ]
     write_text_atomic(out, "\n".join(page))
     return out
+
+
+class RunReport:
+    """``birdbone report``: the rendered page and the waves it shows."""
+
+    def __init__(self, out: Path, run_dir: Path, waves: list[dict]):
+        self.out, self.run_dir, self.waves = out, run_dir, waves
+
+    def as_dict(self) -> dict:
+        return {"out": str(self.out), "waves": self.waves}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line
+        from birdbone.remodel.prune import waves_table
+
+        return [waves_table(self.waves), Line(f"wrote {self.out} (TensorBoard: tensorboard --logdir {self.run_dir / 'tb'})")]
+
+
+def report_run(run_dir: str | Path, out: str | Path | None = None) -> RunReport:
+    """Render a prune run's healing curves as HTML (default: RUN/report.html)."""
+    path = write_report(run_dir, out)
+    return RunReport(path, Path(run_dir), read_metrics(run_dir))

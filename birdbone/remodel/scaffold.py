@@ -26,46 +26,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from birdbone.io.errors import BirdboneError
-from birdbone.remodel.heal import HealConfig
+from birdbone.remodel.config import ScaffoldConfig
+from birdbone.io.progress import Progress, tick
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
-KEEP_RULES = ("rms", "quantile")
 
 
-@dataclass(frozen=True)
-class ScaffoldConfig:
-    rank: int = 5  # R: steps, one rank more each
-    keep: str = "rms"  # rms: keep |R_k| > c·RMS(R_k); quantile: keep |R_k| above its q-quantile
-    c: float = 1.0
-    quantile: float = 0.5
-    activation_aware: bool = True
-    roles: tuple[str, ...] = ("skeleton", "organ")
-    stop_loss_pct: float = 3.0  # held-out loss rise (%) that halves the residual threshold
-    max_halvings: int = 4
-    bundles: int = 2  # M
-    heal: HealConfig = field(default_factory=lambda: HealConfig(steps=8))
-    val_tokens: int = 1024
-    val_ctx: int = 256
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.rank < 1 or self.bundles < 1 or self.max_halvings < 0 or self.stop_loss_pct <= 0:
-            raise ValueError("rank ≥ 1, bundles ≥ 1, max_halvings ≥ 0 and stop_loss_pct > 0")
-        if self.keep not in KEEP_RULES:
-            raise ValueError(f"keep {self.keep!r}: choose one of {', '.join(KEEP_RULES)}")
-        if self.c < 0 or not 0.0 <= self.quantile < 1.0:
-            raise ValueError("c ≥ 0 and quantile in [0, 1)")
-        if self.val_ctx < 16 or self.val_tokens < self.val_ctx:
-            raise ValueError("val_tokens ≥ val_ctx ≥ 16")
-
-
-# -- pure parts -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Triplets:
     """The top singular triplets of W·diag(a), with diag(a) undone on ``vt``: W_k = (u[:, :k]·s[:k]) @ vt[:k]."""
@@ -211,7 +181,7 @@ def run_scaffold(source: Path, usage, tokens: np.ndarray, cfg: ScaffoldConfig, l
         hcfg = cfg.heal.for_wave(k, cfg.rank)
         after = rise
         if cfg.heal.steps > 0 and healed_names:
-            cb = (lambda i, total: progress(f"step {k}: healing bundle {bundle}", i, total)) if progress else None
+            cb = tick(progress, f"step {k}: healing bundle {bundle}")
             res = heal(lm, healed_names, train, hcfg, arch=arch, progress=cb)
             for n, (a, b, s) in res.lora.items():
                 delta[n] = (delta[n] + lora_product(a, b, s)).astype(np.float32)
@@ -230,3 +200,96 @@ def run_scaffold(source: Path, usage, tokens: np.ndarray, cfg: ScaffoldConfig, l
                    "relative_change": float(np.linalg.norm(final[n] - weights[n]) / max(np.linalg.norm(weights[n]), 1e-30))}
                for n in names}
     return ScaffoldResult(final, steps, tensors, base_loss, time.time() - t_start)
+
+
+@dataclass
+class ScaffoldReport:
+    out: Path
+    type: str
+    source: Path
+    config: dict
+    result: ScaffoldResult
+    evaluations: dict = field(default_factory=dict)  # label -> EvalReport (scaffolded, and the plain model in the same type)
+
+    @property
+    def tensors(self) -> dict:
+        return self.result.tensors
+
+    @property
+    def steps(self) -> list[dict]:
+        return self.result.steps
+
+    def as_dict(self) -> dict:
+        d = {"out": str(self.out), "type": self.type, "source": str(self.source), "config": self.config, "steps": self.result.steps,
+             "tensors": self.result.tensors, "seconds": self.result.seconds}
+        if self.evaluations:
+            d["eval"] = {label: e.as_dict() for label, e in self.evaluations.items()}
+        return d
+
+    def render(self) -> list:
+        from birdbone.io.report import Line, Table
+
+        table = Table(["step = rank", "threshold ×", "residual kept", "explained", "held-out loss", "after healing", "bundle"],
+                      title="scaffold steps (torch, held-out text)")
+        for st in self.result.steps:
+            table.add(st["step"], f"{st['threshold_scale']:g}", f"{100 * st['mean_residual_kept']:.1f} %", f"{100 * st['mean_explained']:.1f} %",
+                      f"{st['loss_rise_pct']:+.2f} %", f"{st['after_heal_pct']:+.2f} %", st["bundle"])
+        blocks = [table, Line(f"wrote {self.out} ({self.type}); {len(self.result.tensors)} matrices, {self.result.seconds:.0f} s")]
+        for label, e in self.evaluations.items():
+            blocks += [Line(label, "bold"), *e.render()]
+        return blocks
+
+
+def scaffold_model(model: str | Path, out: str | Path, cfg: ScaffoldConfig = ScaffoldConfig(), text: str | Path | None = None,
+                   usage: str | Path | None = None, layers: str | None = None, out_type: str = "F16", evaluate_after: bool = False,
+                   progress: Progress | None = None) -> ScaffoldReport:
+    """``birdbone scaffold``: scaffold the float form of ``model`` and export it; with ``evaluate_after``,
+    score it in llama.cpp against the float parent, beside the unscaffolded model in the same type."""
+    from gguf.constants import GGUFValueType
+
+    from birdbone.anatomy.selection import parse_layers
+    from birdbone.io.config import config_dict
+    from birdbone.io.float_form import float_source
+    from birdbone.io.model_file import open_model
+    from birdbone.io.runtime import tokenize_texts
+    from birdbone.io.text import load_text
+    from birdbone.remodel.rewrite import export_weights
+
+    out = Path(out)
+    source, _ = float_source(model, progress)
+    if usage is not None:
+        from birdbone.measure.usage import read_profile
+
+        prof = read_profile(usage)
+    elif cfg.activation_aware:
+        from birdbone.measure import profile
+
+        prof = profile(source, text, 4096, 512, progress=progress)
+    else:
+        prof = None
+    tokens, = tokenize_texts(source, load_text(text)[0])
+    with open_model(source) as m:
+        n_layers = int(m.meta(f"{m.architecture}.block_count", 0) or 0)
+    res = run_scaffold(source, prof, tokens, cfg, parse_layers(layers, n_layers), progress)
+    with open_model(source) as m:
+        export_weights(m, out, res.weights, out_type, {"birdbone.scaffold.rank": (cfg.rank, GGUFValueType.UINT32, None)},
+                       progress=tick(progress, "export"))
+    report = ScaffoldReport(out, out_type, source, config_dict(cfg), res)
+    if evaluate_after:
+        report.evaluations = judge_beside_plain(out, source, out_type, progress)
+    return report
+
+
+def judge_beside_plain(out: Path, source: Path, out_type: str, progress: Progress | None) -> dict:
+    """The scaffolded file against the float parent, and (for a quantized type) the unscaffolded parent in that type."""
+    from birdbone.evaluate.compare import EvalConfig, evaluate
+    from birdbone.io.quantize import quantize_file
+
+    cfg = EvalConfig(decode=0, canary_tokens=0)
+    evaluations = {"scaffolded": evaluate(out, source, None, cfg, progress)}
+    if out_type.upper() not in ("F16", "F32"):
+        plain = out.with_name(out.stem + ".plain.gguf")
+        quantize_file(source, plain, out_type)
+        evaluations[f"plain {out_type}"] = evaluate(plain, source, None, cfg, progress)
+        plain.unlink()
+    return evaluations

@@ -1,5 +1,16 @@
-"""The living transformer: a small GPT whose synapses tire, remember and (later) reproduce."""
+"""The living transformer: a small GPT whose synapses tire, remember and reproduce.
 
-from birdbone.synapse.model import SynapticConfig, SynapticGPT
+Importing the room loads no torch; :class:`SynapticGPT` loads it when first asked for.
+"""
 
-__all__ = ["SynapticConfig", "SynapticGPT"]
+from birdbone.synapse.config import SynapticConfig, TrainConfig
+
+__all__ = ["SynapticConfig", "SynapticGPT", "TrainConfig"]
+
+
+def __getattr__(name: str):
+    if name == "SynapticGPT":
+        from birdbone.synapse.model import SynapticGPT
+
+        return SynapticGPT
+    raise AttributeError(name)

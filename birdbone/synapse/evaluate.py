@@ -20,7 +20,8 @@ import torch
 
 from birdbone.io.errors import InputError
 from birdbone.synapse.model import SynapticGPT
-from birdbone.synapse.train import TrainConfig, encode, load_tokenizer, load_weights, read_config, recall_text, split_text
+from birdbone.io.text import split_holdout
+from birdbone.synapse.train import TrainConfig, encode, load_tokenizer, load_weights, read_config, recall_text
 
 ECE_BINS = 15
 
@@ -207,7 +208,7 @@ def evaluate_run(run_dir: str | Path, text: str | Path | None = None, windows_li
     before = weights_hash(run.model)
     if text is None:  # the run's own text, as trained on: its last tenth was never seen
         body, name = training_text(run)
-        held = encode(run.tok, split_text(body, run.cfg.holdout)[1])
+        held = encode(run.tok, split_holdout(body, run.cfg.holdout)[1])
         name += f" (held-out {run.cfg.holdout:.0%})"
     else:
         body, name = load_text(Path(text))
@@ -251,3 +252,32 @@ def reliability_plot(report: dict, out: str | Path) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(out)
+
+
+class RunEvaluation:
+    """``birdbone synapse eval``: every measure of a run, and its reliability diagram."""
+
+    def __init__(self, report: dict):
+        self.report = report
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.report.items() if k != "reliability"} | {"reliability": self.report["reliability"]}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line, Table
+
+        r = self.report
+        table = Table(["length", "depth", "beyond context", "passkey accuracy"], title="needle in a haystack")
+        for p in r["passkey"]:
+            table.add(p["length"], f"{p['depth']:.1f}", "yes" if p["beyond_context"] else "no", f"{100 * p['accuracy']:.0f} %")
+        return [Line(f"{r['text']}: {r['tokens']:,} tokens, perplexity {r['ppl']:.2f}, top-1 {100 * r['top1_accuracy']:.1f} %, "
+                     f"ECE {r['ece']:.3f}, {r['infer_tok_s']:.0f} tok/s"), table,
+                Line(f"associative recall {100 * r['recall_accuracy']:.0f} %; weights unchanged: {r['weights_unchanged']}; reliability diagram: {r['plot']}")]
+
+
+def eval_run(run_dir: str | Path, text: str | Path | None = None, windows_limit: int = 32, trials: int = 5,
+             plot: str | Path | None = None) -> RunEvaluation:
+    """:func:`evaluate_run`, plus the reliability diagram (default: RUN/reliability.png)."""
+    report = evaluate_run(run_dir, text, windows_limit, trials)
+    report["plot"] = str(reliability_plot(report, plot or Path(run_dir) / "reliability.png"))
+    return RunEvaluation(report)

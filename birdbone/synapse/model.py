@@ -1,6 +1,7 @@
 """The living transformer: a small llama-style GPT whose synapses tire and remember while it runs.
 
-One readable file, config first. With every switch off, :class:`SynapticGPT` is a plain llama
+One readable file; its config, :class:`~birdbone.synapse.config.SynapticConfig`, is in ``config.py`` (so the
+CLI can read it without loading torch). With every switch off, :class:`SynapticGPT` is a plain llama
 (RMSNorm, rotary attention, SwiGLU MLP): copied into ``transformers``' ``LlamaForCausalLM`` it
 gives the same logits (tested). Each switch adds one mechanism, all of them causal — position t
 never sees a token after t, in training as in generation — and none of them ever changes a
@@ -20,139 +21,13 @@ trained weight during a forward pass:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-STOCHASTIC_MODES = ("normal_reparam", "gumbel_sigmoid_ste", "straight_through")
+from birdbone.synapse.config import STOCHASTIC_MODES, SynapticConfig  # noqa: F401  (the config: every switch and parameter)
 
-
-@dataclass(frozen=True)
-class SynapticConfig:
-    """Every parameter of the model, with its biological reading where it has one.
-
-    Architecture: a llama with ``n_layer`` blocks of width ``n_embd``, ``n_head`` heads, SwiGLU
-    hidden width ``intermediate``, context ``block_size``, rotary base ``rope_theta``.
-
-    Presynaptic (``presynaptic=True``), per layer, head and key position j, advanced query by
-    query t:
-
-    * calcium C_t = ``alpha_ca`` · (1 − 1/``tau_buf``) · softplus(L_t) + (1 − 1/``tau_c``) · C_{t−1},
-      L_t the query's attention logit on the key. ``tau_buf`` is calcium buffering: buffers bind
-      a share 1/tau_buf of each influx before it reaches the sensor (tau_buf → ∞: no buffer).
-    * synaptotagmin sensor Syt(C) = C / (C + ``syt_fast_kd``).
-    * P_primed = 1 − exp(−(t − j + 1)/``tau_prime``): the key's vesicles dock when the token
-      arrives and become primed over ``tau_prime`` tokens.
-    * complexin: a learned clamp per head (initialised at 0) that holds back release.
-    * a learned gain per head on the bias (initialised at 1; ``synapse enable`` starts it at 0,
-      so a plain checkpoint turned synaptic computes what it computed before).
-    * release P = σ(3·Syt + 2·P_primed − 2·complexin) · σ(L); W_eff = min(P, RRP); the pool
-      refills as RRP ← RRP − W_eff + (1 − RRP)/``tau_rrp``; the logit gains
-      max(log W_eff, −``depletion_bound``).
-    * stochastic release (training only, ``stochastic=True``): on a share
-      ``stochastic_train_frac`` of query positions the release is a draw — ``stochastic_count_cap``
-      release sites per synapse (the count cap), W = k/n with k ~ Binomial(n, W_eff) — as a normal
-      reparameterisation, a Gumbel-sigmoid per site with temperature ``stochastic_tau`` and a
-      straight-through estimator, or a hard draw with a straight-through gradient.
-
-    Postsynaptic (``hebbian=True``), in each MLP's output projection W (d_ff → d): y = h·W + g·h·A.
-    A = Pᵀ M Q with trained projections P (rank × d_ff) and Q (rank × d) and a per-sequence fast
-    state M (rank × rank), so A never exceeds ``rank_eligibility`` by construction. Eligibility
-    E ← ``rho_elig`` · E + (P h)(Q y)ᵀ; M ← M + η · G · E, then scaled down to Frobenius norm
-    ≤ ``fast_rel_max`` · ‖W‖ (P and Q have orthonormal rows at the start, so ‖A‖ ≈ ‖M‖: the fast
-    weights may grow as large as the slow ones, no larger); token t is computed with the M of tokens before it; P h and Q y enter the
-    trace as unit vectors (the directions of pre and post activity). The gate
-    G = σ(``camkii_gain`` · c − ``pp1_gain``) reads a CaMKII latch c ∈ [0, 1] that follows
-    c ← c + (Hill(a + c) − c)/``latch_tau``, Hill(x) = x⁴/(½⁴ + x⁴), with activity
-    a = tanh(RMS(h_t) / causal running mean of RMS(h)): it self-excites once high (hysteresis),
-    stays shut under weak drive and opens under sustained activity. η is
-    ``hebb_eta``, times (1 + ``bdnf_gamma`` · a) when BDNF is on (``bdnf_gamma`` > 0). g is a
-    trained scalar per layer (initialised at 1; 0 after ``synapse enable``).
-
-    Structural (``moe=True``, :mod:`birdbone.synapse.moe`): the MLP becomes ``experts`` SwiGLU
-    experts of width intermediate / experts (the dense MLP's parameters, shared out), ``top_k``
-    routed per token (over families: twins keep their parent's place). Every ``splitmerge_every``
-    training steps a metabolism round books each expert's leave-one-out contribution on a probe
-    batch as income against the tax ``energy_cost_rel``, updates health (a running mean of the
-    NeuroScore rank), splits a healthy (≥ ``split_health_min``) overloaded expert into twins
-    (router rows pushed apart by ``router_contrastive_push``), merges a bankrupt one into its
-    nearest neighbour, up to ``max_experts``. With ``hebbian`` the fast weights sit on the layer's
-    output (A: d × d).
-    """
-
-    vocab_size: int = 4096
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    intermediate: int = 352
-    block_size: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    # switches
-    presynaptic: bool = False
-    stochastic: bool = False
-    hebbian: bool = False
-    moe: bool = False
-    # presynaptic
-    tau_c: float = 4.0
-    tau_rrp: float = 40.0
-    alpha_ca: float = 0.25
-    syt_fast_kd: float = 0.4
-    tau_buf: float = 4.0
-    tau_prime: float = 5.0
-    depletion_bound: float = 5.0
-    stochastic_train_frac: float = 0.12
-    stochastic_mode: str = "normal_reparam"
-    stochastic_tau: float = 1.0
-    stochastic_count_cap: int = 8
-    # postsynaptic
-    rank_eligibility: int = 16
-    rho_elig: float = 0.95
-    camkii_gain: float = 1.5
-    pp1_gain: float = 1.0
-    bdnf_gamma: float = 0.0
-    hebb_eta: float = 0.1
-    latch_tau: float = 4.0
-    fast_rel_max: float = 1.0
-    # structural
-    energy_cost_rel: float = 0.015
-    split_health_min: float = 0.80
-    router_contrastive_push: float = 0.1
-    experts: int = 4
-    top_k: int = 2
-    splitmerge_every: int = 100
-    max_experts: int = 8
-
-    def __post_init__(self):
-        for name in ("tau_c", "tau_rrp", "tau_buf", "tau_prime", "latch_tau", "stochastic_tau", "syt_fast_kd", "alpha_ca", "rope_theta", "norm_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd {self.n_embd} must split into {self.n_head} heads of even width")
-        if min(self.vocab_size, self.n_layer, self.n_head, self.intermediate, self.block_size, self.rank_eligibility, self.stochastic_count_cap) < 1:
-            raise ValueError("sizes, rank_eligibility and stochastic_count_cap must be ≥ 1")
-        if self.stochastic_mode not in STOCHASTIC_MODES:
-            raise ValueError(f"stochastic_mode {self.stochastic_mode!r}: choose one of {', '.join(STOCHASTIC_MODES)}")
-        if not 0.0 <= self.stochastic_train_frac <= 1.0 or not 0.0 <= self.rho_elig < 1.0:
-            raise ValueError("stochastic_train_frac must be in [0, 1] and rho_elig in [0, 1)")
-        if self.top_k < 1 or self.top_k > self.experts:
-            raise ValueError(f"top_k {self.top_k} must be in [1, experts = {self.experts}]")
-        if self.depletion_bound <= 0 or self.fast_rel_max <= 0 or self.bdnf_gamma < 0 or self.hebb_eta < 0:
-            raise ValueError("depletion_bound and fast_rel_max must be > 0, bdnf_gamma and hebb_eta ≥ 0")
-        if self.moe and not self.top_k <= self.experts <= self.max_experts:
-            raise ValueError(f"experts {self.experts} must be in [top_k = {self.top_k}, max_experts = {self.max_experts}]")
-        if self.splitmerge_every < 1 or not 0.0 <= self.split_health_min <= 1.0 or self.energy_cost_rel < 0:
-            raise ValueError("splitmerge_every ≥ 1, split_health_min in [0, 1], energy_cost_rel ≥ 0")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-
-# -- plain parts ---------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

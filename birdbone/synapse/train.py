@@ -13,66 +13,25 @@ windows; ``recall_packing`` packs a window with episodes, each list asked severa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.errors import BirdboneError, InputError
-from birdbone.synapse.model import SynapticConfig, SynapticGPT
+from birdbone.synapse.config import TrainConfig
+from birdbone.synapse.model import SynapticGPT
+from birdbone.io.progress import Progress
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
 SPECIALS = ("<|endoftext|>",)
 SWITCHES = ("model.presynaptic", "model.stochastic", "model.hebbian")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: SynapticConfig = field(default_factory=SynapticConfig)
-    vocab: int = 4096  # tokenizer size (byte-level BPE); the model's vocab_size follows it
-    steps: int = 1000
-    batch: int = 8
-    seq: int = 256
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    recall_share: float = 0.125  # share of each batch's windows that are synthetic recall tasks
-    recall_packing: int = 0  # 0: one episode ends each recall window; n > 0: windows packed with episodes, each list asked n times
-    holdout: float = 0.1  # the text's last tenth: never trained on
-    eval_every: int = 100
-    eval_windows: int = 8
-    checkpoint_every: int = 50
-    seed: int = 0
-
-    def __post_init__(self):
-        if not 256 <= self.vocab <= 65536:
-            raise ValueError(f"vocab {self.vocab}: expected 256..65536 (4-8 k suits these models)")
-        if self.steps < 1 or self.batch < 1 or self.seq < 16 or self.seq > self.model.block_size:
-            raise ValueError(f"steps ≥ 1, batch ≥ 1 and 16 ≤ seq ≤ block_size ({self.model.block_size})")
-        if not 0 < self.min_lr <= self.lr or self.warmup < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
-            raise ValueError("0 < min_lr ≤ lr, warmup ≥ 0, grad_clip > 0, weight_decay ≥ 0")
-        if not 0.0 <= self.recall_share <= 1.0 or not 0.0 < self.holdout < 0.5 or not 0 <= self.recall_packing <= 8:
-            raise ValueError("recall_share in [0, 1], holdout in (0, 0.5), recall_packing in 0..8")
-        if self.eval_every < 1 or self.checkpoint_every < 1 or self.eval_windows < 1:
-            raise ValueError("eval_every, checkpoint_every and eval_windows must be ≥ 1")
-
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine down to min_lr."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        f = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(1.0, f)))
 
 
 # -- tokenizer --------------------------------------------------------------------------------------
@@ -152,7 +111,8 @@ def batch_at(step: int, cfg: TrainConfig, tok, train: np.ndarray) -> torch.Tenso
 
 # -- checkpoints ---------------------------------------------------------------------------------------
 def save_checkpoint(run: Path, model: SynapticGPT, opt: torch.optim.Optimizer, step: int) -> None:
-    """Weights, optimizer moments and the step, each written atomically; the step last."""
+    """Weights, optimizer moments and the step, each written atomically; the step (``state.json``,
+    the run folder's commit point) last."""
     from safetensors.torch import save_file
 
     from birdbone.io.atomic import atomic_path
@@ -209,67 +169,62 @@ def read_config(run: Path) -> TrainConfig:
 
 
 # -- the loop -------------------------------------------------------------------------------------------
-def split_text(text: str, holdout: float) -> tuple[str, str]:
-    cut = int(len(text) * (1.0 - holdout))
-    cut = text.rfind("\n", 0, cut) + 1 or cut  # on a line boundary when there is one
-    return text[:cut], text[cut:]
+def identity(cfg: TrainConfig, sha: str) -> dict:
+    """What a synapse run is: its text and its config as asked for (the vocabulary size the model
+    gets is derived from the tokenizer, so it is left out)."""
+    from birdbone.io.config import config_dict
+
+    data = config_dict(cfg)
+    data["model"].pop("vocab_size")
+    return {"text_sha256": sha, "config": data}
 
 
 def prepare(run: Path, body: str, name: str, cfg: TrainConfig) -> TrainConfig:
     """Create the run folder (tokenizer, resolved config) or check that it holds this text and config."""
+    from birdbone.io.atomic import atomic_path
     from birdbone.io.config import config_dict
+    from birdbone.io.run_folder import RunFolder, sha256_text
+    from birdbone.io.text import split_holdout
 
-    sha = hashlib.sha256(body.encode("utf-8")).hexdigest()
-    config_path = run / "config.json"
-    if config_path.exists():
-        saved = json.loads(config_path.read_text())
-        if saved["text"]["sha256"] != sha:
-            raise InputError(run, f"this run was trained on another text ({saved['text']['name']})")
-        want = config_dict(replace(cfg, model=replace(cfg.model, vocab_size=saved["train"]["model"]["vocab_size"])))
-        if saved["train"] != json.loads(json.dumps(want)):
-            raise InputError(run, "this run was started with another config; use a new run folder")
+    sha = sha256_text(body)
+    RunFolder.open(run, "synapse", identity(cfg, sha), {"step": 0})
+    if (run / "config.json").exists():
         return read_config(run)
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
-        raise InputError(run, "exists and is not a synapse run folder; refusing to write into it")
-    run.mkdir(parents=True, exist_ok=True)
-    train_part, _ = split_text(body, cfg.holdout)
+    train_part, _ = split_holdout(body, cfg.holdout)
     tok = train_tokenizer(train_part, cfg.vocab)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tok.get_vocab_size()))
-    from birdbone.io.atomic import atomic_path
-
     with atomic_path(run / "tokenizer.json") as tmp:
         tok.save(str(tmp))
     where = name if name.startswith("builtin:") else str(Path(name).resolve())  # eval finds the held-out tenth here
-    write_text_atomic(config_path, json.dumps({"train": config_dict(cfg), "text": {"name": where, "sha256": sha}}, indent=1) + "\n")
+    write_text_atomic(run / "config.json", json.dumps({"train": config_dict(cfg), "text": {"name": where, "sha256": sha}}, indent=1) + "\n")
     return cfg
 
 
 def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progress: Progress | None = None) -> dict:
     """Train (or resume) the run to ``cfg.steps``; returns the last metrics."""
-    from birdbone.io.text import load_text
+    from birdbone.io.text import load_text, split_holdout
 
     run = Path(run)
     body, name = load_text(Path(text_path) if text_path else None)
     cfg = prepare(run, body, name, cfg)
     tok = load_tokenizer(run)
-    train_part, held_part = split_text(body, cfg.holdout)
+    train_part, held_part = split_holdout(body, cfg.holdout)
     train_ids, held_ids = encode(tok, train_part), encode(tok, held_part)
     if len(train_ids) < cfg.seq + 2 or len(held_ids) < cfg.seq + 2:
         raise InputError(Path(text_path or "builtin"), f"too short: {len(train_ids)} training and {len(held_ids)} held-out tokens; "
                                                      f"one window needs {cfg.seq + 2}")
     torch.manual_seed(cfg.seed)
     model = SynapticGPT(cfg.model)
-    resume = (run / "state.json").exists()
+    step = json.loads((run / "state.json").read_text())["step"]
+    resume = step > 0
     if (run / "model.safetensors").exists():  # a resume, or a warm start (synapse enable: optimizer fresh)
         load_weights(run, model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     other = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
-    step = 0
     if resume:
         load_optimizer(run, opt)
-        step = json.loads((run / "state.json").read_text())["step"]
         for log_file in ("metrics.jsonl", "lineage.jsonl"):
             _truncate_metrics(run, step, log_file)  # rows logged after the checkpoint will be logged again
         log.info("resuming %s at step %d", run, step)
@@ -415,11 +370,13 @@ def enable(run: str | Path, out: str | Path, sets: list[str]) -> dict:
     if unexpected:
         raise InputError(run, f"its checkpoint has parameters the new model lacks ({unexpected[:2]}): switching mechanisms off is not enable's job")
     model.neutralize_new(set(missing))
+    from birdbone.io.run_folder import RunFolder
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copy2(run / "tokenizer.json", tmp / "tokenizer.json")
     text = json.loads((run / "config.json").read_text())["text"]
+    RunFolder.open(tmp, "synapse", identity(new_cfg, text["sha256"]), {"step": 0})  # train -o OUT resumes it as its own
+    shutil.copy2(run / "tokenizer.json", tmp / "tokenizer.json")
     (tmp / "config.json").write_text(json.dumps({"train": config_dict(new_cfg), "text": text, "enabled_from": str(run)}, indent=1) + "\n")
     from safetensors.torch import save_file
 
@@ -427,3 +384,50 @@ def enable(run: str | Path, out: str | Path, sets: list[str]) -> dict:
               str(tmp / "model.safetensors"))
     tmp.rename(out)
     return {"out": str(out), "new_parameters": sorted(missing)}
+
+
+class TrainResult:
+    """``birdbone synapse train``: the run folder and its last metrics."""
+
+    def __init__(self, run: Path, last: dict):
+        self.run, self.last = run, last
+
+    def as_dict(self) -> dict:
+        return {"run": str(self.run), **self.last}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line
+
+        last = self.last
+        vitals = ", ".join(f"{k} {v:.3g}" for k, v in last.items() if k not in ("step", "loss", "lr", "val_loss", "val_ppl", "train_tok_s"))
+        return [Line(f"{self.run}: step {last.get('step')}, loss {last.get('loss', float('nan')):.3f}, held-out ppl {last.get('val_ppl', float('nan')):.2f}, "
+                     f"{last.get('train_tok_s', 0):.0f} tok/s" + (f"; {vitals}" if vitals else ""))]
+
+
+def train_run(out: str | Path, text: str | Path | None = None, config: str | Path | None = None, sets: list[str] | tuple[str, ...] = (),
+              progress: Progress | None = None) -> TrainResult:
+    """Train (or resume) a run: an existing run goes on with its own config unless a config or ``--set`` is given."""
+    from birdbone.io.config import load_config
+
+    out = Path(out)
+    cfg = read_config(out) if (out / "config.json").exists() and config is None and not sets else load_config(TrainConfig, config, sets)
+    return TrainResult(out, train(out, text, cfg, progress))
+
+
+class Enabled:
+    def __init__(self, data: dict):
+        self.data = data
+
+    def as_dict(self) -> dict:
+        return self.data
+
+    def render(self) -> list:
+        from birdbone.io.report import Line
+
+        return [Line(f"wrote {self.data['out']}: {len(self.data['new_parameters'])} new parameters at neutral values; "
+                     f"train on with: birdbone synapse train -o {self.data['out']} --text TEXT")]
+
+
+def enable_run(run: str | Path, out: str | Path, sets: list[str]) -> Enabled:
+    """``birdbone synapse enable``: :func:`enable` as a result that renders itself."""
+    return Enabled(enable(run, out, sets))

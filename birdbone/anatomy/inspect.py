@@ -1,0 +1,67 @@
+"""``birdbone inspect``: what a model file is — architecture, parameters, bytes, anatomy, tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from birdbone.anatomy.roles import classify, summarize
+from birdbone.io.report import Block, Line, Table, histogram, mib
+
+
+@dataclass
+class Inspection:
+    info: dict  # path, format, architecture, files, counts, bytes, bits per weight, types, anatomy
+    tensors: list[dict] = field(default_factory=list)  # name, role, layer, shape, type, bytes (empty: not asked for)
+
+    def as_dict(self) -> dict:
+        return {**self.info, "tensors": self.tensors or None}
+
+    def render(self) -> list[Block]:
+        i = self.info
+        blocks: list[Block] = [
+            Line(f"{i['path']}  ({i['format']}, {i['architecture']})", "bold"),
+            Line(f"{i['n_tensors']} tensors, {i['n_params']:,} parameters, {mib(i['file_bytes'])} MiB on disk, "
+                 f"{i['bits_per_weight']:.2f} bits per weight; types: {histogram(i['types'])}"),
+        ]
+        anatomy = i["anatomy"]
+        roles = Table(["role", "tensors", "parameters", "MiB", "% of bytes"], title="anatomy")
+        for role, c in anatomy["roles"].items():
+            if c["n_tensors"]:
+                roles.add(role, c["n_tensors"], f"{c['n_params']:,}", mib(c["n_bytes"]),
+                          f"{100 * c['n_bytes'] / max(anatomy['total']['n_bytes'], 1):.1f}")
+        layers = Table(["layer", "skeleton MiB", "organ MiB", "norm KiB", "parameters"], title="per layer")
+        for layer in anatomy["layers"]:
+            r = layer["roles"]
+            layers.add(layer["layer"], mib(r["skeleton"]["n_bytes"]), mib(r["organ"]["n_bytes"]), f"{r['norm']['n_bytes'] / 1024:.1f}",
+                       f"{layer['n_params']:,}")
+        blocks += [roles, layers]
+        if self.tensors:
+            table = Table(["name", "role", "layer", "shape", "type", "bytes"])
+            for r in self.tensors:
+                table.add(r["name"], r["role"], "" if r["layer"] is None else r["layer"], "×".join(map(str, r["shape"])), r["type"], f"{r['bytes']:,}")
+            blocks.append(table)
+        return blocks
+
+
+def inspect_model(model: str | Path = "builtin", tensors: bool = True) -> Inspection:
+    """Architecture, parameters, bytes, types, anatomy per role and layer, and (optionally) every tensor."""
+    from birdbone.io.model_file import open_model
+
+    with open_model(model) as m:
+        hist: dict[str, int] = {}
+        for t in m.tensors.values():
+            hist[t.type] = hist.get(t.type, 0) + 1
+        info = {
+            "path": str(m.path), "format": m.format, "architecture": m.architecture, "files": [str(p) for p in m.files],
+            "n_tensors": len(m.tensors), "n_params": m.n_params, "file_bytes": m.file_bytes, "tensor_bytes": m.tensor_bytes,
+            "bits_per_weight": 8.0 * m.tensor_bytes / max(m.n_params, 1), "types": hist,
+            "metadata_keys": len(m.metadata) if m.format == "gguf" else len(m.metadata.get("config", {})),
+            "anatomy": summarize(m.tensors),
+        }
+        rows = []
+        if tensors:
+            for t in m.tensors.values():
+                a = classify(t.name)
+                rows.append({"name": t.name, "role": a.role, "layer": a.layer, "shape": list(t.shape), "type": t.type, "bytes": t.n_bytes})
+    return Inspection(info, rows)

@@ -1,0 +1,130 @@
+"""A run folder: the memory of a long job (prune, compress, synapse train) that survives a kill.
+
+Every run folder has two files of its own:
+
+    run.json    what the run is: its kind, its identity (input hashes and resolved config) and the
+                code that made it (birdbone's version and a hash of its source files)
+    state.json  where it stands: the kind's own record, rewritten atomically after each step
+
+:meth:`RunFolder.open` creates a folder (``run.json`` first, so a folder killed a moment later is
+still recognised as ours) or reopens one: a different identity is a one-line error naming what
+changed, and so is different code, since other code may compute other bytes and a resumed run
+promises the same bytes as an uninterrupted one. A step is committed by writing its files
+(each atomically), then ``state.json`` last: whatever a kill leaves behind the last
+``state.json`` was never committed, and the kind's resume drops it.
+
+The holdout split every run uses is :func:`birdbone.io.text.split_holdout`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from birdbone.io.atomic import write_text_atomic
+from birdbone.io.errors import InputError
+
+RUN_FILE = "run.json"
+# identity keys in words, for the one-line error a resume with other inputs gets
+WORDS = {"source_sha256": "model", "input_sha256": "model", "text_sha256": "text", "calibration_sha256": "calibration text",
+         "verify_sha256": "verify text", "recipe_sha256": "recipe", "config": "config", "usage_sha256": "usage profile"}
+STATE_FILE = "state.json"
+
+
+@functools.lru_cache(maxsize=1)
+def code_identity() -> dict:
+    """birdbone's version and the sha256 of its source files (paths and bytes, in a fixed order)."""
+    from birdbone import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return {"version": __version__, "source_sha256": h.hexdigest()}
+
+
+def plain(data):
+    """JSON-normal form (tuples as lists, keys as strings), so a saved identity compares equal."""
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class StaleRun(InputError):
+    """The folder was made by other code: resuming could write other bytes than it promised."""
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    kind: str  # prune | compress | synapse
+    identity: dict
+    state: dict = field(default_factory=dict)
+    created: bool = False  # True when open() made the folder
+
+    @classmethod
+    def open(cls, path: str | Path, kind: str, identity: dict, initial_state: dict | None = None) -> "RunFolder":
+        """Create the run folder, or check it belongs to this ``kind`` and ``identity`` and load its state."""
+        path = Path(path)
+        identity = plain(identity)
+        marker = path / RUN_FILE
+        if marker.is_file():
+            saved = read_run(path)
+            if saved.get("kind") != kind:
+                raise InputError(path, f"is a {saved.get('kind')} run folder, not a {kind} one")
+            old = saved.get("identity", {})
+            changed = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+            if changed:
+                words = list(dict.fromkeys(WORDS.get(k, k.removesuffix("_sha256")) for k in changed))
+                raise InputError(path, f"this run was started with another {' and '.join(words)}; use a new run folder")
+            if saved.get("code") != plain(code_identity()):
+                was = saved.get("code", {})
+                raise StaleRun(path, f"this run was made by other birdbone code (version {was.get('version')}, source "
+                                     f"{str(was.get('source_sha256'))[:12]}) and may not resume to the same bytes; use a new run folder")
+            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8")) if (path / STATE_FILE).exists() else dict(initial_state or {})
+            return cls(path, kind, identity, state, created=False)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            older = " (made by an earlier birdbone)" if (path / STATE_FILE).exists() or (path / "config.json").exists() else ""
+            raise InputError(path, f"exists and is not a {kind} run folder{older}; refusing to write into it (use a new run folder)")
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(marker, json.dumps({"kind": kind, "identity": identity, "code": code_identity()}, indent=1) + "\n")
+        run = cls(path, kind, identity, dict(initial_state or {}), created=True)
+        run.save()
+        return run
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def save(self) -> None:
+        write_text_atomic(self.path / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
+
+    def commit(self, files: dict[str, str] | None = None, **state) -> None:
+        """Write ``files`` (name → text, each atomically), then the state with ``state`` applied: the commit point."""
+        for name, text in (files or {}).items():
+            write_text_atomic(self.path / name, text)
+        self.state.update(state)
+        self.save()
+
+
+def read_run(path: str | Path) -> dict:
+    """The ``run.json`` of a run folder (kind, identity, code); a one-line error when there is none."""
+    path = Path(path)
+    try:
+        return json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "not a birdbone run folder (no run.json)") from None
+    except json.JSONDecodeError as e:
+        raise InputError(path / RUN_FILE, f"is not valid JSON ({e})") from None
+
+
+def run_kind(path: str | Path) -> str | None:
+    """The kind of run a folder holds, or None when it is not a run folder."""
+    try:
+        return read_run(path).get("kind")
+    except InputError:
+        return None
