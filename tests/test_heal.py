@@ -87,6 +87,8 @@ def test_taper():
     c = HealConfig(steps=40, lr=2e-4)
     assert [c.for_wave(k, 5).steps for k in (1, 2, 5)] == [40, 32, 8]
     assert c.for_wave(3, 5).lr == pytest.approx(2e-4 * 0.6)
+    assert [c.for_wave(k, 5).steps for k in (5, 6, 9)] == [8, 1, 1]  # past the horizon: one step, never none
+    assert [HealConfig(steps=0).for_wave(k, 5).steps for k in (1, 2, 5, 9)] == [0, 0, 0, 0]  # zero means zero, in every wave
 
 
 def test_merge_factors_adds_the_deltas():

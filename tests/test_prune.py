@@ -89,6 +89,21 @@ def test_kill_9_mid_run_resumes_to_identical_bytes(tiny, tmp_path):
     assert [m["ppl"] for m in resumed] == [m["ppl"] for m in whole]
 
 
+def test_zero_heal_steps_mean_no_healing(tiny, tmp_path):
+    """``--heal-steps 0`` trains nothing in any wave (it once trained one step per wave)."""
+    r = json.loads(birdbone("prune", tiny.gguf_f32, "--target-density", "0.7", "--score", "magnitude", *SMALL, "--heal-steps", "0",
+                            "--set", "reinforce=false", "--type", "F32", "--run-dir", tmp_path / "run", "-o", tmp_path / "p.gguf", "--json").stdout)
+    waves = r["waves"][1:]
+    assert len(waves) >= 3 and all(w["heal_steps"] == 0 and w["heal_losses"] == [] for w in waves)
+    # the history holds no LoRA factors, only masks: each wave is the magnitude mask and nothing else
+    with open_model(tmp_path / "p.gguf") as m:
+        w = m.tensor("blk.0.ffn_up.weight")
+    with open_model(tiny.gguf_f32) as src:
+        base = src.tensor("blk.0.ffn_up.weight")
+    kept = w != 0
+    assert np.array_equal(w[kept], base[kept])  # every surviving weight is exactly its original value
+
+
 def test_stop_loss_state_machine():
     rule = StopLoss(threshold_pct=3.0, patience=2, rollback_waves=3)
     st = RunState()
