@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def columns(report: dict) -> dict:
 def run_subject(name: str, args) -> dict:
     from birdbone.evaluate.compare import EvalConfig, evaluate
     from birdbone.io.quantize import quantize_file
+    from birdbone.io.run_folder import StaleRun
     from birdbone.recipe.compress import compress
     from birdbone.recipe.config import load_recipe
 
@@ -60,7 +62,13 @@ def run_subject(name: str, args) -> dict:
         recipe = load_recipe(recipe_name, [*verify, *args.set])
         out, run = WORK / f"{name}-{recipe_name}.gguf", WORK / f"{name}-{recipe_name}.run"
         t0 = time.time()
-        res = compress(model, recipe, out, run, calibration, test, threads=args.threads)
+        try:
+            res = compress(model, recipe, out, run, calibration, test, threads=args.threads)
+        except StaleRun as e:  # made by other code: its bytes may not be what this code computes, so start over
+            log.warning("%s; recomputing", e)
+            shutil.rmtree(run)
+            t0 = time.time()
+            res = compress(model, recipe, out, run, calibration, test, threads=args.threads)
         rows.append({"kind": "recipe", "label": f"birdbone compress -r {recipe_name}", "recipe": recipe_name, "stages": list(recipe.stages),
                      "passed": res.passed, "stage_seconds": res.seconds, "seconds": round(time.time() - t0, 1),
                      "types": res.stages["export"]["types"], **columns(res.verify["eval"])})

@@ -214,6 +214,8 @@ def main() -> int:
             res["trajectories"][name] = (oneshot if name == "oneshot" else healed_parent)(parent, res["trajectories"]["wanda"], args)
         else:
             res["trajectories"][name] = trajectory(name, TRAJECTORIES[name], parent, args)
+        res["trajectories"][name]["command"] = f"python benchmarks/prune_heal.py --configs {name} " + " ".join(
+            a for a in sys.argv[1:] if not a.startswith("--configs") and a != args.configs)  # rows of one file may come from several runs
         res["parent_ppl"] = next(iter(next(iter(res["trajectories"].values()))["points"]), {}).get("parent_ppl")
         OUT.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
         OUT.with_suffix(".md").write_text(markdown(res))

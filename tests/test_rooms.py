@@ -13,7 +13,7 @@ ALLOWED = {
     "measure": {"io", "anatomy", "bridge", "measure"},
     "evaluate": {"io", "bridge", "evaluate"},
     "remodel": {"io", "anatomy", "bridge", "measure", "evaluate", "remodel"},
-    "synapse": {"io", "evaluate", "synapse"},
+    "synapse": {"io", "synapse"},
     "recipe": {"io", "anatomy", "bridge", "measure", "evaluate", "remodel", "recipe"},
 }
 IMPORT = re.compile(r"^\s*(?:from|import)\s+birdbone\.(\w+)", re.M)

@@ -65,7 +65,7 @@ class PruneConfig:
     eval_tokens: int = 2048
     eval_ctx: int = 256
     calibration_tokens: int = 4096  # profiled for the wanda / usage / taylor scores
-    reinforce: bool = True  # extra healing for layers under stress (recorded for the precision budget)
+    reinforce: bool = True  # extra healing for layers under stress (recorded per wave in metrics.jsonl)
     stress_delta: float = 0.01  # δ: a layer is stressed when the output error it adds grew by more than this
     stress_gamma: float = 2.0  # γ: ... or its gradient norm is above γ × the mean over layers
     reinforce_share: float = 0.5  # extra steps for stressed layers, as a share of the wave's healing steps

@@ -145,7 +145,8 @@ def reinforce(lm, delta: WaveDelta, state: dict, probe, run: Run, cfg: PruneConf
     """Structural reinforcement after healing: find the layers under stress on the probe batch (the
     output error a layer adds grew by more than δ since the last wave, or its gradient norm is above
     γ × the mean) and heal their modules for ``reinforce_share`` more steps; their second LoRA delta
-    is merged into this wave's. Returns the metrics to record (the precision budget reads them)."""
+    is merged into this wave's. Returns the metrics to record in the wave's row of metrics.jsonl (the precision budget
+    measures its own stress: it does not read these)."""
     from birdbone.remodel.heal import dense_gradients, merge_factors, own_errors
 
     x, reference = probe
