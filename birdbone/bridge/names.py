@@ -14,10 +14,10 @@ from gguf.tensor_mapping import get_tensor_name_map
 from birdbone.io.errors import BirdboneError
 
 # Architectures whose GGUF q/k rows are permuted relative to Hugging Face (convert_hf_to_gguf).
-PERMUTED_QK = {"llama", "mistral"}
+PERMUTED_QK = {"llama", "mistral", "deci"}
 # The llama family: the torch bridge's round trip is tested on it. Other architectures need
 # their own name and permutation checks before birdbone writes them (it refuses until then).
-SUPPORTED = {"llama", "mistral"}
+SUPPORTED = {"llama", "mistral", "deci"}
 
 
 def _arch_enum(arch: str) -> MODEL_ARCH:
@@ -74,3 +74,26 @@ def to_gguf_tensors(arch: str, n_layers: int, n_head: int, n_head_kv: int, state
     if unknown:
         raise BirdboneError(f"no GGUF name for {len(unknown)} tensor(s) of a {arch} model: {', '.join(unknown[:5])}")
     return out
+
+
+def layer_heads(lm, layer: int) -> tuple[int, int]:
+    """(query heads, key/value heads) of decoder layer ``layer`` of a transformers model, read off
+    its projections (a structured model's layers differ; 0, 0 for a layer with no attention)."""
+    attn = lm.model.layers[layer].self_attn
+    q = getattr(attn, "q_proj", None)
+    if q is None:
+        return 0, 0
+    hd = lm.config.head_dim if getattr(lm.config, "head_dim", None) else lm.config.hidden_size // lm.config.num_attention_heads
+    return q.out_features // hd, attn.k_proj.out_features // hd
+
+
+def qk_rows(lm, arch: str, name: str) -> tuple[int, int] | None:
+    """The (n_head, n_head_kv) to permute a GGUF q/k weight's rows with, or None for any other tensor."""
+    if arch not in PERMUTED_QK or not name.startswith("blk."):
+        return None
+    h, kv = layer_heads(lm, int(name.split(".")[1]))
+    if name.endswith("attn_q.weight"):
+        return h, h
+    if name.endswith("attn_k.weight"):
+        return h, kv
+    return None

@@ -36,6 +36,10 @@ def load_causal_lm(model: str | Path):
 
             with open_model(path) as m:
                 check_supported(m.architecture)
+                if m.architecture == "deci":  # per-layer widths: transformers has no deci model (bridge/shaped.py)
+                    from birdbone.bridge.shaped import load_shaped_lm
+
+                    return load_shaped_lm(path)
             # transformers' GGUF loader draws a tqdm bar on stderr whatever its settings say
             with contextlib.redirect_stderr(io.StringIO()):
                 lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

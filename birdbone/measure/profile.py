@@ -113,6 +113,7 @@ class _Recorder:
                 continue
             self.targets[name] = mod
         self.sum2 = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in self.targets.items()}
+        self.sum1 = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in self.targets.items()}
         self.active = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in self.targets.items()}
         self.count = dict.fromkeys(self.targets, 0)
         self.head_sum: dict[int, torch.Tensor] = {}
@@ -138,11 +139,12 @@ class _Recorder:
             x = x.reshape(-1, x.shape[-1])  # (tokens, n_in)
             xd = x.double()
             self.sum2[name] += (xd * xd).sum(0).cpu()
+            self.sum1[name] += xd.sum(0).cpu()
             self.active[name] += (x.abs() > self.eps).sum(0).double().cpu()
             self.count[name] += x.shape[0]
             if is_o:
                 # (tokens, n_head, head_dim): each head's slice of the attention output
-                norms = xd.reshape(x.shape[0], self.n_head, -1).norm(dim=-1).sum(0).cpu()
+                norms = xd.reshape(x.shape[0], -1, self.head_dim).norm(dim=-1).sum(0).cpu()
                 self.head_sum[layer] = self.head_sum.get(layer, 0) + norms
 
         return hook
@@ -177,19 +179,19 @@ class _Recorder:
             p.requires_grad_(flag)
 
     def fill(self, prof: UsageProfile) -> None:
-        from birdbone.bridge.names import PERMUTED_QK, permute_qk
+        from birdbone.bridge.names import permute_qk, qk_rows
 
         for name in self.targets:
             c = self.count[name]
             prof.in_sum2[name] = self.sum2[name].float().numpy()
+            prof.in_sum[name] = self.sum1[name].float().numpy()
             prof.counts[name] = c
             prof.act_freq[name] = (self.active[name] / max(c, 1)).float().numpy()
             if self.gradients:
                 g = (self.grad_sum[name] / max(self.n_backward, 1)).cpu().numpy()
-                if self.arch in PERMUTED_QK and name.endswith("attn_q.weight"):
-                    g = permute_qk(g, self.n_head, self.n_head)
-                elif self.arch in PERMUTED_QK and name.endswith("attn_k.weight"):
-                    g = permute_qk(g, self.n_head, self.n_head_kv)
+                heads = qk_rows(self.lm, self.arch, name)
+                if heads:
+                    g = permute_qk(g, *heads)
                 prof.grad_abs[name] = np.ascontiguousarray(g)
         for layer, s in self.head_sum.items():
             c = self.count[f"blk.{layer}.attn_output.weight"]

@@ -37,11 +37,20 @@ class UsageProfile:
     act_freq: dict[str, np.ndarray] = field(default_factory=dict)  # gguf weight name -> (n_in,) share in [0, 1]
     head_norm: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (n_head,) mean L2 norm
     grad_abs: dict[str, np.ndarray] = field(default_factory=dict)  # gguf weight name -> (n_out, n_in), GGUF row order
+    in_sum: dict[str, np.ndarray] = field(default_factory=dict)  # gguf weight name -> (n_in,) sum over tokens (first moment)
     version: int = PROFILE_VERSION
 
     def importance(self, name: str) -> np.ndarray:
         """Mean squared input activation per channel: what llama.cpp's quantizer weighs by."""
         return self.in_sum2[name] / max(self.counts[name], 1)
+
+    def variance(self, name: str) -> np.ndarray:
+        """Per input channel, the variance of its activation over the tokens profiled (FLAP's fluctuation)."""
+        if name not in self.in_sum:
+            raise KeyError(f"{name}: this profile has no first moments (made by an older birdbone); profile again")
+        n = max(self.counts[name], 1)
+        mean = self.in_sum[name] / n
+        return np.maximum(self.in_sum2[name] / n - mean * mean, 0.0)
 
     def layer_importance(self) -> dict[int, float]:
         """Per layer, the mean importance over all channels of all its weights."""
@@ -88,6 +97,8 @@ class UsageProfile:
                 out[f"{name}.act_freq"] = np.asarray(self.act_freq[name], dtype=np.float32)
             if name in self.grad_abs:
                 out[f"{name}.grad_abs"] = np.asarray(self.grad_abs[name], dtype=np.float32)
+            if name in self.in_sum:
+                out[f"{name}.in_sum"] = np.asarray(self.in_sum[name], dtype=np.float32)
         for layer, v in sorted(self.head_norm.items()):
             out[f"blk.{layer}.attn_output.head_norm"] = np.asarray(v, dtype=np.float32)
         return out
@@ -154,6 +165,8 @@ def read_profile(folder: str | Path) -> UsageProfile:
                 prof.act_freq[name] = arr
             elif kind == "grad_abs":
                 prof.grad_abs[name] = arr
+            elif kind == "in_sum":
+                prof.in_sum[name] = arr
             elif kind == "head_norm":
                 prof.head_norm[int(name.split(".")[1])] = arr
     return prof

@@ -136,3 +136,55 @@ class ScaffoldConfig:
 
 
 # -- pure parts -------------------------------------------------------------------------------------
+
+
+STRUCTURE_SCORES = ("activation", "fluctuation", "loo")
+STRUCTURE_UNITS = ("ffn", "qhead", "group")
+LAYER_SCORES = ("influence", "loo")
+
+
+@dataclass(frozen=True)
+class StructureConfig:
+    """Structured density loss (``birdbone prune --structured``, a recipe's structure stage)."""
+
+    target: float = 0.85  # share of the block matrices' parameters to keep, in (0, 1] (whole layers and width units together)
+    score: str = "fluctuation"  # width units: activation (Minitron), fluctuation (FLAP: variance × column norm²) or loo (measured Δloss for heads and groups)
+    units: tuple[str, ...] = STRUCTURE_UNITS  # what the width target removes: ffn channels, qhead (one query head from every group of a layer), group (a key/value group with its heads)
+    drop_layers: int = 0  # whole layers to remove first, lowest layer score first (0: none)
+    layer_score: str = "influence"  # influence (ShortGPT: 1 − cos(input, output)) or loo (measured Δloss with the layer left out)
+    hidden: int = 0  # hidden width to cut to (Minitron; e.g. 512 lets K-quants take 576-wide rows); 0 keeps every channel
+    ffn_multiple: int = 32  # each layer's FFN width is a multiple of this (32: the legacy types' blocks; 256: K-quants')
+    hidden_multiple: int = 32  # the hidden width must be a multiple of this
+    max_wave: float = MAX_WAVE  # most of the remaining block parameters one wave removes (the plan's tenth)
+    oneshot: bool = False  # remove everything in one wave, then heal for the steps the waves would have had in total
+    heal: HealConfig = field(default_factory=lambda: HealConfig(steps=40, kd_weight=1.0))
+    stop_loss: StopLoss = field(default_factory=lambda: StopLoss(threshold_pct=30.0))
+    holdout: float = 0.1  # share of the text kept for the guardrail
+    eval_tokens: int = 2048
+    eval_ctx: int = 256
+    calibration_tokens: int = 4096  # profiled for the scores (first and second moments of every input)
+    loo_windows: int = 4  # calibration windows of eval_ctx each leave-one-out loss is measured on
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < self.target <= 1.0:
+            raise ValueError(f"target {self.target} is outside (0, 1]: it is the share of block parameters kept")
+        if self.score not in STRUCTURE_SCORES or self.layer_score not in LAYER_SCORES:
+            raise ValueError(f"score: {', '.join(STRUCTURE_SCORES)}; layer_score: {', '.join(LAYER_SCORES)}")
+        if not set(self.units) <= set(STRUCTURE_UNITS):
+            raise ValueError(f"units {self.units}: choose from {', '.join(STRUCTURE_UNITS)}")
+        if self.drop_layers < 0 or self.hidden < 0 or self.ffn_multiple < 1 or self.hidden_multiple < 1 or self.loo_windows < 1:
+            raise ValueError("drop_layers ≥ 0, hidden ≥ 0, ffn_multiple ≥ 1, hidden_multiple ≥ 1, loo_windows ≥ 1")
+        if self.hidden and self.hidden % self.hidden_multiple:
+            raise ValueError(f"hidden {self.hidden} is not a multiple of hidden_multiple {self.hidden_multiple}: it would break the quant type's blocks")
+        if not 0.0 < self.max_wave <= 0.5:
+            raise ValueError(f"max_wave {self.max_wave} is outside (0, 0.5]")
+        if not 0.0 < self.holdout < 0.5 or self.eval_tokens < 2 * self.eval_ctx or self.eval_ctx < 16:
+            raise ValueError("holdout must be in (0, 0.5) and eval_tokens at least two windows of eval_ctx (≥ 16)")
+
+    @property
+    def expected_waves(self) -> int:
+        """Waves of max_wave each to reach the target (the healing taper's horizon)."""
+        if self.oneshot or self.target >= 1.0:
+            return 1
+        return max(1, math.ceil(math.log(self.target) / math.log(1.0 - self.max_wave)))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from birdbone.bridge.names import PERMUTED_QK, hf_to_gguf_name, permute_qk, unpermute_qk
+from birdbone.bridge.names import hf_to_gguf_name, permute_qk, qk_rows, unpermute_qk
 from birdbone.io.errors import BirdboneError
 from birdbone.remodel.config import HealConfig
 from birdbone.io.progress import Progress, tick
@@ -52,23 +52,13 @@ def gguf_modules(lm, arch: str = "llama") -> dict[str, str]:
     return out
 
 
-def _qk_heads(lm, name: str, arch: str) -> tuple[int, int] | None:
-    if arch not in PERMUTED_QK:
-        return None
-    if name.endswith("attn_q.weight"):
-        return lm.config.num_attention_heads, lm.config.num_attention_heads
-    if name.endswith("attn_k.weight"):
-        return lm.config.num_attention_heads, lm.config.num_key_value_heads
-    return None
-
-
 def to_hf_rows(lm, name: str, rows: np.ndarray, arch: str = "llama") -> np.ndarray:
-    heads = _qk_heads(lm, name, arch)
+    heads = qk_rows(lm, arch, name)
     return unpermute_qk(rows, *heads) if heads else rows
 
 
 def to_gguf_rows(lm, name: str, rows: np.ndarray, arch: str = "llama") -> np.ndarray:
-    heads = _qk_heads(lm, name, arch)
+    heads = qk_rows(lm, arch, name)
     return permute_qk(rows, *heads) if heads else rows
 
 

@@ -74,7 +74,7 @@ class Run:
     """A prune run folder (:class:`~birdbone.io.run_folder.RunFolder` of kind ``prune``): its
     config, text split, history, metrics and state."""
 
-    def __init__(self, folder: str | Path, source: str | Path, cfg: PruneConfig, text: str | Path | None, extra: dict | None = None):
+    def __init__(self, folder: str | Path, source: str | Path, cfg, text: str | Path | None, extra: dict | None = None, kind: str = "prune"):
         from birdbone.io.text import load_text, split_holdout
 
         self.folder = Path(folder)
@@ -82,10 +82,10 @@ class Run:
         self.cfg = cfg
         body, name = load_text(text)
         source_sha = file_sha256(self.source)
-        self.config = {"source": {"path": str(self.source), "sha256": source_sha}, "prune": config_dict(cfg)}
+        self.config = {"source": {"path": str(self.source), "sha256": source_sha}, kind: config_dict(cfg)}
         identity = {"source_sha256": source_sha, "text_sha256": sha256_text(body), "config": config_dict(cfg),
                     **{k: v for k, v in (extra or {}).items() if v is not None}}
-        self.rf = RunFolder.open(self.folder, "prune", identity, RunState().as_dict())
+        self.rf = RunFolder.open(self.folder, kind, identity, RunState().as_dict())
         if not (self.folder / "heldout.txt").exists():  # new, or killed before its split was written
             calibration, held = split_holdout(body, cfg.holdout)
             self.rf.commit({"calibration.txt": calibration, "heldout.txt": held, "text-source.txt": name + "\n",

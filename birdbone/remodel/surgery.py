@@ -144,6 +144,10 @@ def keep_from_masks(dims: Dims, masks: dict[str, np.ndarray], hidden: np.ndarray
     """The units a set of block masks keeps alive (a unit stays while any of its weights does)."""
     k = Keep.everything(dims)
     hd = dims.head_dim
+    if hidden is None:  # a hidden channel stays while any matrix still reads it
+        readers = [mk for n, mk in masks.items() if n.endswith(("attn_q.weight", "ffn_gate.weight"))]
+        alive = np.logical_or.reduce([mk.any(axis=0) for mk in readers]) if readers else None
+        hidden = alive if alive is not None and alive.any() else None
     if hidden is not None:
         k.hidden = hidden.copy()
     for i in range(dims.n_layer):
