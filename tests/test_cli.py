@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from birdbone.cli import app
 
 VERBS = ["inspect", "quantize", "eval", "convert", "generate", "chat", "dissect", "assemble", "graft", "measure", "profile", "purify", "prune",
-         "revert", "report", "budget", "scaffold", "compress", "diff", "recipe show", "recipe check", "synapse train", "synapse enable",
+         "structure", "revert", "report", "budget", "scaffold", "compress", "diff", "recipe show", "recipe check", "synapse train", "synapse enable",
          "synapse eval", "synapse sample", "synapse chat"]
-WRITERS = {"quantize", "convert", "dissect", "assemble", "graft", "profile", "purify", "prune", "revert", "budget", "scaffold", "compress",
+WRITERS = {"quantize", "convert", "dissect", "assemble", "graft", "profile", "purify", "prune", "structure", "revert", "budget", "scaffold", "compress",
            "diff", "synapse train", "synapse enable"}
 runner = CliRunner()
 

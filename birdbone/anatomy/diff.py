@@ -8,6 +8,8 @@ role and per layer. Both models must use one naming (two GGUFs, or two Hugging F
 
 from __future__ import annotations
 
+import json
+
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ class ModelDiff:
     tensors: list[TensorDiff]
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
+    structure: dict | None = None  # the units B's structured export removed (its birdbone.structure record)
 
     def rollup(self, key: Callable[[TensorDiff], object]) -> list[dict]:
         groups: dict = defaultdict(list)
@@ -62,7 +65,7 @@ class ModelDiff:
     def as_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "changed": sum(t.changed for t in self.tensors), "tensors": len(self.tensors),
                 "bytes_a": sum(t.bytes_a for t in self.tensors), "bytes_b": sum(t.bytes_b for t in self.tensors),
-                "only_a": self.only_a, "only_b": self.only_b,
+                "only_a": self.only_a, "only_b": self.only_b, "structure": self.structure,
                 "by_role": self.rollup(lambda t: t.role), "by_layer": self.rollup(lambda t: t.layer),
                 "per_tensor": [asdict(t) for t in self.tensors]}
 
@@ -76,6 +79,12 @@ class ModelDiff:
             table.add(r["group"], r["tensors"], r["changed"], mib(r["bytes_a"]), mib(r["bytes_b"]), fmt(r["rel_delta_mean"], ".4f"),
                       f"{r['pruned']:,}", f"{r['regrown']:,}")
         extra = [Line(f"only in A: {len(self.only_a)} tensors, only in B: {len(self.only_b)}")] if self.only_a or self.only_b else []
+        if self.structure:
+            r = self.structure
+            extra.append(Line("B is structured: removed layers " + (", ".join(map(str, r["layers"])) or "none")
+                              + "; query heads " + ("; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in r["heads"].items()) or "none")
+                              + "; FFN channels " + (", ".join(f"layer {k}: {v}" for k, v in r["ffn"].items()) or "none")
+                              + f"; hidden channels {len(r['hidden'])} (layers renumbered after the removed ones; tensors compared by name)"))
         return [table, *extra]
 
 
@@ -111,7 +120,9 @@ def diff_models(a_path: str | Path, b_path: str | Path, progress: Callable[[int,
                                    ta.n_bytes, tb.n_bytes, *stats))
             if progress:
                 progress(i + 1, len(shared))
-        return ModelDiff(str(a.path), str(b.path), rows, [n for n in a.tensors if n not in b.tensors], [n for n in b.tensors if n not in a.tensors])
+        record = b.meta("birdbone.structure") if b.format == "gguf" else None
+        return ModelDiff(str(a.path), str(b.path), rows, [n for n in a.tensors if n not in b.tensors], [n for n in b.tensors if n not in a.tensors],
+                         json.loads(record) if record else None)
 
 
 def markdown(d: ModelDiff) -> str:

@@ -11,7 +11,7 @@ from birdbone.cli.common import CONFIG_OPT, JSON_OPT, MODEL_ARG, SET_OPT, G, app
 from birdbone.evaluate.compare import EvalConfig
 from birdbone.io.progress import tick
 from birdbone.remodel.budget import BudgetConfig
-from birdbone.remodel.config import PruneConfig, ScaffoldConfig
+from birdbone.remodel.config import PruneConfig, ScaffoldConfig, StructureConfig
 
 
 @app.command()
@@ -66,9 +66,35 @@ def prune(
         show(prune_model(model, out, run_dir, cfg, text, out_type, cb, G.threads), as_json)
 
 
+@app.command(help="Shed whole structures in waves — FFN channels, query heads, key/value groups, layers, hidden channels — "
+                  "healing each wave with masked LoRA distilled from the parent, then export a smaller GGUF llama.cpp runs faster "
+                  "(arch llama when every layer keeps the same widths, deci otherwise) and score it in llama.cpp on the held-out text."
+                  "\n\n" + keys_help(StructureConfig))
+def structure(
+    model: str = MODEL_ARG,
+    out: Path = typer.Option(..., "-o", "--out", help="Output GGUF of the final wave, its removed units cut out."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: created, or resumed when it holds this model, text and config."),
+    target: Optional[float] = opt(StructureConfig, "target"),
+    score_kind: Optional[str] = opt(StructureConfig, "score"),
+    drop_layers: Optional[int] = opt(StructureConfig, "drop_layers"),
+    hidden: Optional[int] = opt(StructureConfig, "hidden"),
+    heal_steps: Optional[int] = opt(StructureConfig, "heal.steps"),
+    out_type: str = typer.Option("F16", "--type", help="Type of the exported GGUF (F16, F32, or a llama.cpp type, e.g. Q8_0, Q4_K_M)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration and healing text; its last tenth is held out (default: the built-in Shakespeare excerpt)."),
+    config: Optional[Path] = CONFIG_OPT,
+    sets: List[str] = SET_OPT,
+    as_json: bool = JSON_OPT,
+):
+    from birdbone.remodel.structure import structure_model
+
+    cfg = configure(StructureConfig, config, sets, target=target, score=score_kind, drop_layers=drop_layers, hidden=hidden, heal__steps=heal_steps)
+    with progress_bar() as cb:
+        show(structure_model(model, out, run_dir, cfg, text, out_type, cb, G.threads), as_json)
+
+
 @app.command()
 def revert(
-    run_dir: Path = typer.Argument(..., help="A run folder made by birdbone prune or birdbone compress."),
+    run_dir: Path = typer.Argument(..., help="A run folder made by birdbone prune, structure or compress."),
     to_wave: Optional[int] = typer.Option(None, "--to-wave", help="Wave to export (0 = the original model, bit for bit)."),
     to_stage: Optional[str] = typer.Option(None, "--to-stage", help="compress runs: the float model after this stage (map, profile, waves, scaffold) "
                                                                     "or the quantized one (export, verify)."),

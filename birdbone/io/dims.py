@@ -96,6 +96,10 @@ def check_dims(d: Dims, arch: str | None = None) -> None:
             raise BirdboneError(f"layer {i} would have {h} query heads over {kv} key/value heads: llama.cpp needs a whole number of queries per group")
     if d.n_head[0] == 0:
         raise BirdboneError("layer 0 would have no attention: llama.cpp takes the head size from layer 0")
+    if arch == "llama" and 0 in d.n_head:
+        i = d.n_head.index(0)
+        raise BirdboneError(f"layer {i} would keep its FFN but no attention head: arch llama has no attention-free layers "
+                            "(write deci, or remove the whole layer)")
     if arch == "llama" and not d.uniform:
         raise BirdboneError("the layers' widths differ: arch llama takes every layer's shapes from layer 0 (write deci)")
 

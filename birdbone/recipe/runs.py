@@ -19,17 +19,31 @@ from birdbone.io.run_folder import STATE_FILE, read_run, run_kind
 from birdbone.recipe.plan import EXPORTED, OUTPUT_MODEL
 
 
-def prune_folder(run_dir: str | Path) -> Path:
-    """The prune run inside a run folder: the folder itself, or a compress run's ``waves/``."""
+def waves_folder(run_dir: str | Path) -> Path:
+    """The run inside a run folder that holds waves: a prune or structure run itself, or a compress
+    run's ``structure/`` or ``waves/``."""
     run_dir = Path(run_dir)
     kind = read_run(run_dir).get("kind")
-    if kind == "prune":
+    if kind in ("prune", "structure"):
         return run_dir
     if kind == "compress":
-        if run_kind(run_dir / "waves") != "prune":
-            raise InputError(run_dir, "this compress run has no waves stage (nothing to revert wave by wave)")
-        return run_dir / "waves"
-    raise InputError(run_dir, f"is a {kind} run folder; waves live in prune and compress runs")
+        for stage in ("structure", "waves"):
+            if run_kind(run_dir / stage) in ("prune", "structure"):
+                return run_dir / stage
+        raise InputError(run_dir, "this compress run has no waves or structure stage (nothing to revert wave by wave)")
+    raise InputError(run_dir, f"is a {kind} run folder; waves live in prune, structure and compress runs")
+
+
+def export_wave(run_dir: str | Path, out: str | Path, wave: int | None, out_type: str, progress: Progress | None = None) -> dict:
+    """Wave ``wave`` of the run's waves, written as the kind of run that made them writes it."""
+    folder = waves_folder(run_dir)
+    if run_kind(folder) == "structure":
+        from birdbone.remodel.structure import export_structure
+
+        return export_structure(folder, out, wave, out_type, progress)
+    from birdbone.remodel.prune import export
+
+    return export(folder, out, wave, out_type, tick(progress, "export"))
 
 
 def wave_spec(spec: str) -> tuple[Path, int] | None:
@@ -42,12 +56,10 @@ def wave_spec(spec: str) -> tuple[Path, int] | None:
 
 def model_at(spec: str, tmp: Path) -> str:
     """A model path for ``spec``: wave K of a run (``RUN@K``) replayed from its history as F32 into ``tmp``, or ``spec`` itself."""
-    from birdbone.remodel.prune import export
-
     found = wave_spec(spec)
     if found is None:
         return spec
-    export(prune_folder(found[0]), tmp, found[1], "F32")
+    export_wave(found[0], tmp, found[1], "F32")
     return str(tmp)
 
 
@@ -74,13 +86,11 @@ def revert_run(run_dir: str | Path, out: str | Path, to_wave: int | None = None,
                progress: Progress | None = None) -> Reverted:
     """The model as it was after wave ``to_wave`` (prune or compress runs, replayed bit for bit) or
     after stage ``to_stage`` of a compress run."""
-    from birdbone.remodel.prune import export
-
     if (to_wave is None) == (to_stage is None):
         raise BirdboneError("give exactly one of --to-wave and --to-stage")
     if to_stage is not None:
         return revert_to_stage(run_dir, to_stage, out, out_type)
-    res = export(prune_folder(run_dir), out, to_wave, out_type, tick(progress, "export"))
+    res = export_wave(run_dir, out, to_wave, out_type, progress)
     return Reverted(Path(res["out"]), wave=res["wave"], type=res["type"], density=res["density"])
 
 

@@ -155,6 +155,7 @@ class StructureConfig:
     hidden: int = 0  # hidden width to cut to (Minitron; e.g. 512 lets K-quants take 576-wide rows); 0 keeps every channel
     ffn_multiple: int = 32  # each layer's FFN width is a multiple of this (32: the legacy types' blocks; 256: K-quants')
     hidden_multiple: int = 32  # the hidden width must be a multiple of this
+    arch: str = "auto"  # auto (llama when every layer keeps the same widths, else deci) or llama (the same widths in every layer: Minitron's shape)
     max_wave: float = MAX_WAVE  # most of the remaining block parameters one wave removes (the plan's tenth)
     oneshot: bool = False  # remove everything in one wave, then heal for the steps the waves would have had in total
     heal: HealConfig = field(default_factory=lambda: HealConfig(steps=40, kd_weight=1.0))
@@ -179,6 +180,8 @@ class StructureConfig:
             raise ValueError(f"hidden {self.hidden} is not a multiple of hidden_multiple {self.hidden_multiple}: it would break the quant type's blocks")
         if not 0.0 < self.max_wave <= 0.5:
             raise ValueError(f"max_wave {self.max_wave} is outside (0, 0.5]")
+        if self.arch not in ("auto", "llama"):
+            raise ValueError(f"arch {self.arch!r}: auto or llama")
         if not 0.0 < self.holdout < 0.5 or self.eval_tokens < 2 * self.eval_ctx or self.eval_ctx < 16:
             raise ValueError("holdout must be in (0, 0.5) and eval_tokens at least two windows of eval_ctx (≥ 16)")
 

@@ -292,14 +292,46 @@ def removal_order(scores: dict, dims: Dims, cfg: StructureConfig) -> tuple[Keep,
             break
         if not allowed(keep, u, cfg, order):
             continue
+        p = unit_params(dims, u)
+        if current - p < goal and goal - (current - p) > current - goal:
+            continue  # it would overshoot by more than it is missing: a smaller unit fits better
         before = current
         remove(keep, u, order)
         current = block_params(keep) if u.kind != "ffn" else current - 3 * int(keep.hidden.sum())
         if current < before:
             removed.append(u)
     keep, removed = round_ffn(keep, removed, units, cfg)
-    keep.check()
+    if cfg.arch == "llama":
+        keep, removed = uniform(keep, removed, units, order, cfg)
+    keep.check(None if cfg.arch == "auto" else cfg.arch)
     return keep, removed
+
+
+def uniform(keep: Keep, removed: list[Unit], units: dict[Unit, float], order: dict, cfg: StructureConfig) -> tuple[Keep, list[Unit]]:
+    """The same widths in every kept layer (so arch llama can load the file): each kind keeps the
+    mean count the global allocation gave it, per layer its strongest units."""
+    k = keep.settled()
+    rows = [int(i) for i in np.flatnonzero(k.layers)]
+    ff = int(round(np.mean([k.ffn[i].sum() for i in rows]) / cfg.ffn_multiple)) * cfg.ffn_multiple or cfg.ffn_multiple
+    groups = max(1, int(round(np.mean([k.groups[i].sum() for i in rows]))))
+    per = max(1, int(round(np.mean([k.heads[i].sum() / max(k.groups[i].sum(), 1) for i in rows]))))
+    new = Keep.everything(keep.dims)
+    new.layers, new.hidden = keep.layers.copy(), keep.hidden.copy()
+    out = [u for u in removed if u.kind in ("layer", "hidden")]
+    for i in rows:
+        for kind, count, n in (("ffn", ff, keep.dims.n_ff[i]), ("group", groups, keep.dims.n_kv[i]),
+                               ("qhead", keep.dims.n_head[i] // keep.dims.n_kv[i] - per, 0)):
+            if kind == "qhead":
+                for p in range(count):
+                    remove(new, Unit("qhead", i, p), order)
+                    out.append(Unit("qhead", i, p))
+                continue
+            weakest = sorted(range(n), key=lambda j: units.get(Unit(kind, i, j), 0.0))[: n - count]
+            for j in weakest:
+                remove(new, Unit(kind, i, j), order)
+                out.append(Unit(kind, i, j))
+    z = {u: units.get(u, 0.0) for u in out}
+    return new, [u for u in out if u.kind in ("layer", "hidden")] + sorted((u for u in out if u.kind not in ("layer", "hidden")), key=lambda u: z[u])
 
 
 def allowed(keep: Keep, u: Unit, cfg: StructureConfig, order: dict) -> bool:
@@ -378,6 +410,7 @@ def run_structure(source: str | Path, run_dir: str | Path, cfg: StructureConfig,
     from birdbone.remodel.history import DeltaHistory, WaveDelta, apply_wave, masked
     from birdbone.remodel.prune import Run, _evaluate, advance, prunable
 
+    preflight(source, cfg)
     run = Run(run_dir, source, cfg, text, {"usage_sha256": file_sha256(Path(usage) / "usage.safetensors") if usage else None}, kind="structure")
     if run.state.phase == "done":
         return run
@@ -475,6 +508,26 @@ def healing_for(cfg: StructureConfig, k: int):
     return cfg.heal.for_wave(min(k, horizon), horizon)
 
 
+def preflight(source: str | Path, cfg: StructureConfig) -> Dims:
+    """The requests no model of these widths can meet, refused before any work starts."""
+    from birdbone.io.dims import read_dims
+    from birdbone.io.model_file import open_model
+
+    with open_model(source) as m:
+        if m.format != "gguf":
+            raise BirdboneError(f"{m.path}: structured pruning works on GGUF files; convert it first (birdbone convert --type F16)")
+        dims = read_dims(m)
+    if cfg.hidden and cfg.hidden >= dims.n_embd:
+        raise BirdboneError(f"hidden {cfg.hidden}: the model is {dims.n_embd} wide; the target is larger than the model")
+    if cfg.drop_layers >= dims.n_layer:
+        raise BirdboneError(f"drop_layers {cfg.drop_layers}: the model has {dims.n_layer} layers; at least one must stay")
+    if cfg.arch == "llama" and "group" in cfg.units and min(dims.n_kv) == 1:
+        raise BirdboneError("arch llama with group removal: a layer's last key/value group would take its attention, and llama has no attention-free layers")
+    if any(ff % cfg.ffn_multiple for ff in dims.n_ff) and cfg.ffn_multiple > 1:
+        log.info("FFN widths %s are not multiples of %d: the rounding will change them", sorted(set(dims.n_ff)), cfg.ffn_multiple)
+    return dims
+
+
 def _mask_embedding(lm, keep: Keep) -> None:
     """Zero the embedding's removed hidden channels (the embedding is not a masked layer)."""
     if keep.hidden.all():
@@ -558,3 +611,43 @@ def export_structure(run_dir: str | Path, out: str | Path, wave_k: int | None = 
     d = keep.kept_dims()
     return {"out": str(out), "wave": k, "type": out_type, "density": block_params(keep) / sum(dims.layer_params(i) for i in range(dims.n_layer)),
             "arch": d.arch, "removed": keep.removed()}
+
+
+@dataclass
+class StructureReport:
+    run_dir: Path
+    waves: list[dict]
+    export: dict  # out, wave, type, density, arch, removed
+    eval: object  # EvalReport: the exported file in llama.cpp on the held-out text
+
+    def as_dict(self) -> dict:
+        return {**self.export, "run_dir": str(self.run_dir), "waves": self.waves, "eval": self.eval.as_dict()}
+
+    def render(self) -> list:
+        from birdbone.io.report import Line, Table, fmt
+
+        table = Table(["wave", "phase", "block params", "layers", "heads", "FFN", "hidden", "ppl", "Δppl", "KLD", "heal steps", "s"],
+                      title="structural waves (torch, held-out text)")
+        for w in self.waves:
+            d = w.get("widths") or {}
+            table.add(w["wave"], w["phase"], f"{w['density']:.3f}", d.get("n_layer", "-"), sum(d.get("n_head", [])) or "-", sum(d.get("n_ff", [])) or "-",
+                      d.get("n_embd", "-"), f"{w['ppl']:.3f}", fmt(w.get("dppl_pct"), "+.2f", "%"), fmt(w.get("kld"), ".4f"), w.get("heal_steps", "-"),
+                      f"{w.get('seconds', 0):.0f}")
+        e, r = self.export, self.export["removed"]
+        gone = (f"{len(r['layers'])} layers, {sum(len(v) for v in r['heads'].values())} query heads ({sum(len(v) for v in r['groups'].values())} groups), "
+                f"{sum(r['ffn'].values())} FFN channels, {len(r['hidden'])} hidden channels removed")
+        return [table, Line(f"wrote {e['out']} (arch {e['arch']}, wave {e['wave']}, {100 * e['density']:.1f} % of the block parameters, {e['type']}): {gone}"),
+                Line("llama.cpp on the held-out text:"), *self.eval.render()]
+
+
+def structure_model(model: str | Path, out: str | Path, run_dir: str | Path, cfg: StructureConfig = StructureConfig(),
+                    text: str | Path | None = None, out_type: str = "F16", progress: Progress | None = None,
+                    threads: int | None = None, usage: str | Path | None = None) -> StructureReport:
+    """``birdbone structure``: run (or resume) the structural waves, export the last one with its
+    units cut out, and score it in llama.cpp on the held-out text against the source."""
+    from birdbone.evaluate.compare import EvalConfig, evaluate
+
+    run = run_structure(model, run_dir, cfg, text, progress, usage)
+    res = export_structure(run_dir, out, None, out_type, progress)
+    ecfg = EvalConfig(ctx=cfg.eval_ctx, tokens=cfg.eval_tokens, decode=32, canary_tokens=0, threads=threads)
+    return StructureReport(Path(run_dir), run.metrics, res, evaluate(out, run.source, Path(run_dir) / "heldout.txt", ecfg, progress))
