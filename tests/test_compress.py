@@ -63,7 +63,7 @@ def error(*args) -> str:
 
 
 # -- recipes --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["gentle", "bird-bone"])
+@pytest.mark.parametrize("name", ["gentle", "bird-bone", "hollow"])
 def test_shipped_recipes_load_and_show_round_trips(name, tmp_path):
     r = load_recipe(name)
     assert r.name == name and r.stages[-2:] == ("export", "verify") and r.has("budget")
@@ -261,3 +261,34 @@ def test_the_readme_main_job_meets_its_guardrails(tmp_path):
     assert 35.0 < ev["pct_of_parent_bytes"] < 40.0  # Q4_K_M's size class (38.9 % of F16 here)
     with open_model(tmp_path / "smollm2.gguf") as m:
         assert m.meta("birdbone.recipe.name") == "gentle" and m.meta("birdbone.verify.passed") is True
+
+
+TINY_HOLLOW = """\
+name: hollow-tiny
+seed: 1
+stages: [profile, structure, budget, export, verify]
+profile: {tokens: 256, ctx: 64}
+structure: {target: 0.7, ffn_multiple: 32, heal: {steps: 3, batch: 2, seq: 32, kd_weight: 1.0}, eval_tokens: 256, eval_ctx: 64,
+            calibration_tokens: 256}
+budget: {method: greedy, target_bytes: Q4_K_M, sensitivity: {val_tokens: 256, val_ctx: 64, passes: 2, seq: 32}}
+verify: {tokens: 256, ctx: 64, canary_tokens: 4, decode: 4, reference: Q4_K_M}
+"""
+
+
+def test_the_hollow_loop_ships_a_smaller_structured_file(tiny, tmp_path):
+    """profile → structure (distilled healing) → budget on the smaller model → export → verify, on a tiny model."""
+    recipe = tmp_path / "hollow.yaml"
+    recipe.write_text(TINY_HOLLOW)
+    r = json.loads(birdbone("compress", tiny.gguf_f16, "-r", recipe, "-o", tmp_path / "h.gguf", "--json").stdout)
+    s = r["stages"]["structure"]
+    assert s["arch"] == "deci" and 0.65 < s["block_params"] < 0.75 and s["ffn_removed"] > 0
+    checks = {g["guardrail"]: g for g in r["verify"]["guardrails"]}
+    # the budget planned the smaller model at its own Q4_K_M size: far below the parent's Q4_K_M
+    assert checks["bytes ≤ Q4_K_M"]["value"] < 0.95 * checks["bytes ≤ Q4_K_M"]["limit"]
+    with open_model(tmp_path / "h.gguf") as m:
+        assert m.architecture == "deci" and json.loads(m.meta("birdbone.structure"))["ffn"]
+    plan = json.loads(birdbone("compress", tiny.gguf_f16, "-r", recipe, "-o", tmp_path / "h.gguf", "--dry-run", "--json").stdout)
+    assert [s["stage"] for s in plan["steps"]] == ["profile", "structure", "budget", "export", "verify"] and len(plan["done"]) == 5
+    assert {s["stage"]: s for s in plan["steps"]}["budget"]["model"] == "structure.gguf"
+    # the reference is the parent quantized with the parent's own imatrix
+    assert "profile" in {s["stage"]: s for s in plan["steps"]}["verify"]["reads"]

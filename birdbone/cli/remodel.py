@@ -96,7 +96,7 @@ def structure(
 def revert(
     run_dir: Path = typer.Argument(..., help="A run folder made by birdbone prune, structure or compress."),
     to_wave: Optional[int] = typer.Option(None, "--to-wave", help="Wave to export (0 = the original model, bit for bit)."),
-    to_stage: Optional[str] = typer.Option(None, "--to-stage", help="compress runs: the float model after this stage (map, profile, waves, scaffold) "
+    to_stage: Optional[str] = typer.Option(None, "--to-stage", help="compress runs: the float model after this stage (map, profile, structure, waves, scaffold) "
                                                                     "or the quantized one (export, verify)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output GGUF."),
     out_type: str = typer.Option("F16", "--type", help="Type of the exported GGUF (--to-wave, and float stages)."),

@@ -143,6 +143,20 @@ def map_alpha(run: Path) -> dict[str, float | None]:
     return {t["name"]: t.get("alpha") for t in json.loads((run / "map.json").read_text())["tensors"]}
 
 
+def stage_structure(w: Work, step: Step) -> dict:
+    from birdbone.remodel.structure import export_structure, run_structure
+
+    usage = w.run / usage_dir(step.model) if usage_dir(step.model) in step.reads else None
+    run = run_structure(w.model(step.model), w.run / "structure", w.recipe.structure, w.calibration, w.progress, usage=usage)
+    res = export_structure(w.run / "structure", w.run / OUTPUT_MODEL["structure"], None, "F16", w.progress)
+    last = run.metrics[-1]
+    r = res["removed"]
+    return {"waves": res["wave"], "block_params": res["density"], "arch": res["arch"], "phase": run.state.phase,
+            "layers_removed": len(r["layers"]), "heads_removed": sum(len(v) for v in r["heads"].values()),
+            "ffn_removed": sum(r["ffn"].values()), "hidden_removed": len(r["hidden"]),
+            "heldout_ppl": last.get("ppl"), "heldout_dppl_pct": last.get("dppl_pct")}
+
+
 def stage_waves(w: Work, step: Step) -> dict:
     from birdbone.remodel.prune import export, run_prune
 
@@ -240,7 +254,7 @@ def stage_verify(w: Work, step: Step) -> dict:
     return {"passed": result["passed"], "guardrails": [{k: c[k] for k in ("guardrail", "limit", "passed")} for c in checks]}
 
 
-STAGE_RUNNERS = {"map": stage_map, "profile": stage_profile, "waves": stage_waves, "scaffold": stage_scaffold,
+STAGE_RUNNERS = {"map": stage_map, "profile": stage_profile, "structure": stage_structure, "waves": stage_waves, "scaffold": stage_scaffold,
                  "budget": stage_budget, "export": stage_export, "verify": stage_verify}
 
 
@@ -287,6 +301,9 @@ def stage_words(stage: str, s: dict) -> str:
     return {
         "map": lambda: f"{s['tensors']} tensors measured ({s['theta_version']})",
         "profile": lambda: f"{s['tokens']:,} tokens profiled, {s['weights']} weights",
+        "structure": lambda: (f"{s['waves']} waves to {100 * s['block_params']:.1f} % of the block parameters ({s['arch']}): {s['layers_removed']} layers, "
+                              f"{s['heads_removed']} heads, {s['ffn_removed']} FFN channels, {s['hidden_removed']} hidden channels removed; "
+                              f"held-out Δppl {fmt(s['heldout_dppl_pct'], '+.2f')} %"),
         "waves": lambda: f"{s['waves']} waves to density {s['density']:.3f} ({s['phase']}), held-out Δppl {fmt(s['heldout_dppl_pct'], '+.2f')} %",
         "scaffold": lambda: f"{s['matrices']} matrices, {s['steps']} rank steps, mean explained {fmt(s['mean_explained'], '.3f')}",
         "budget": lambda: f"{s['method']}: {s['bits_per_weight']:.2f} bpw ({histogram(s['types'])}), {s['fortresses']} fortresses; cap: {s['target']}",

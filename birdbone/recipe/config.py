@@ -23,9 +23,9 @@ from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.types import file_type
 from birdbone.measure.config import ProfileConfig
 from birdbone.remodel.budget import BudgetConfig
-from birdbone.remodel.config import PruneConfig, ScaffoldConfig
+from birdbone.remodel.config import PruneConfig, ScaffoldConfig, StructureConfig
 
-STAGES = ("map", "profile", "waves", "scaffold", "budget", "export", "verify")
+STAGES = ("map", "profile", "structure", "waves", "scaffold", "budget", "export", "verify")
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = "gentle"
 
@@ -109,6 +109,7 @@ class Recipe:
     seed: int = 0  # one seed for every stage (it replaces the stages' own)
     stages: tuple[str, ...] = ("profile", "budget", "export", "verify")
     profile: ProfileStage = field(default_factory=ProfileStage)
+    structure: StructureConfig = field(default_factory=StructureConfig)
     waves: PruneConfig = field(default_factory=PruneConfig)
     scaffold: ScaffoldStage = field(default_factory=ScaffoldStage)
     budget: BudgetStage = field(default_factory=BudgetStage)
@@ -134,6 +135,7 @@ class Recipe:
         # the seed flows into every stage once, here, so the resolved recipe shows what ran
         object.__setattr__(self, "stages", tuple(s for s in STAGES if s in self.stages))
         object.__setattr__(self, "waves", replace(self.waves, seed=self.seed, heal=replace(self.waves.heal, seed=self.seed)))
+        object.__setattr__(self, "structure", replace(self.structure, seed=self.seed, heal=replace(self.structure.heal, seed=self.seed)))
         object.__setattr__(self, "scaffold", replace(self.scaffold, seed=self.seed))
         object.__setattr__(self, "budget", replace(self.budget, sensitivity=replace(self.budget.sensitivity, seed=self.seed)))
 

@@ -25,7 +25,7 @@ from birdbone.io.run_folder import RUN_FILE, STATE_FILE
 from birdbone.recipe.config import Recipe, check_out_path
 
 # The stage each float stage leaves as the model later stages work on.
-OUTPUT_MODEL = {"waves": "waves.gguf", "scaffold": "scaffold.gguf"}
+OUTPUT_MODEL = {"structure": "structure.gguf", "waves": "waves.gguf", "scaffold": "scaffold.gguf"}
 EXPORTED = "export.gguf"  # the quantized file before verify stamps it and it moves to -o
 SETUP_FILES = ("calibration.txt", "verify.txt", "recipe.json")
 
@@ -100,6 +100,9 @@ def plan_steps(recipe: Recipe) -> tuple[Step, ...]:
         elif stage == "profile":
             reads, writes = [current, "calibration.txt"], []
             usage_of(current, writes)
+        elif stage == "structure":
+            reads = [current, "calibration.txt", *([usage_dir(current)] if usage_dir(current) in profiled else [])]
+            writes = ["structure", OUTPUT_MODEL["structure"]]
         elif stage == "waves":
             reads = [current, "calibration.txt"]
             if recipe.waves.score != "magnitude" and usage_dir(current) in profiled:
@@ -122,7 +125,7 @@ def plan_steps(recipe: Recipe) -> tuple[Step, ...]:
         elif stage == "verify":
             reads = [EXPORTED, "parent", "verify.txt"]
             if recipe.verify.reference and recipe.export.imatrix:
-                reads.append(usage_dir(current))
+                reads.append(usage_dir("parent"))  # the reference is a llama.cpp mix of the parent, with the parent's imatrix
             writes = ["verify.json"]
         steps.append(Step(stage, current, tuple(dict.fromkeys(reads)), tuple(writes), sections.get(stage, {})))
         current = OUTPUT_MODEL.get(stage, current)

@@ -164,6 +164,7 @@ class StructureConfig:
     eval_tokens: int = 2048
     eval_ctx: int = 256
     calibration_tokens: int = 4096  # profiled for the scores (first and second moments of every input)
+    text_tokens: int = 65536  # most calibration tokens healing reads (a long text is cut, so a run's time does not grow with it)
     loo_windows: int = 4  # calibration windows of eval_ctx each leave-one-out loss is measured on
     seed: int = 0
 
@@ -174,8 +175,8 @@ class StructureConfig:
             raise ValueError(f"score: {', '.join(STRUCTURE_SCORES)}; layer_score: {', '.join(LAYER_SCORES)}")
         if not set(self.units) <= set(STRUCTURE_UNITS):
             raise ValueError(f"units {self.units}: choose from {', '.join(STRUCTURE_UNITS)}")
-        if self.drop_layers < 0 or self.hidden < 0 or self.ffn_multiple < 1 or self.hidden_multiple < 1 or self.loo_windows < 1:
-            raise ValueError("drop_layers ≥ 0, hidden ≥ 0, ffn_multiple ≥ 1, hidden_multiple ≥ 1, loo_windows ≥ 1")
+        if self.drop_layers < 0 or self.hidden < 0 or self.ffn_multiple < 1 or self.hidden_multiple < 1 or self.loo_windows < 1 or self.text_tokens < 256:
+            raise ValueError("drop_layers ≥ 0, hidden ≥ 0, ffn_multiple ≥ 1, hidden_multiple ≥ 1, loo_windows ≥ 1, text_tokens ≥ 256")
         if self.hidden and self.hidden % self.hidden_multiple:
             raise ValueError(f"hidden {self.hidden} is not a multiple of hidden_multiple {self.hidden_multiple}: it would break the quant type's blocks")
         if not 0.0 < self.max_wave <= 0.5:

@@ -421,7 +421,10 @@ def run_structure(source: str | Path, run_dir: str | Path, cfg: StructureConfig,
         history = DeltaHistory(run.folder / "history", {n: m.tensors[n].shape for n in names})
         run.drop_uncommitted(history)
         prof = _structure_profile(run, cfg, usage, progress)
-        tokens, held = tokenize_texts(run.source, *((run.folder / f).read_text(encoding="utf-8") for f in ("calibration.txt", "heldout.txt")))
+        # a long text is cut before it is tokenized (at most ~8 characters a token), then to text_tokens
+        calibration = (run.folder / "calibration.txt").read_text(encoding="utf-8")[: 8 * cfg.text_tokens]
+        tokens, held = tokenize_texts(run.source, calibration, (run.folder / "heldout.txt").read_text(encoding="utf-8"))
+        tokens = tokens[: cfg.text_tokens]
         plan = _plan(run, prof, tokens, dims, cfg, progress)
         waves = [[Unit.parse(k) for k in w] for w in plan["waves"]]
         order = head_order({int(i): np.array(v) for i, v in plan["head_scores"].items()}, dims)
