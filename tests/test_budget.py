@@ -99,6 +99,32 @@ def test_greedy_spends_bytes_where_loss_falls_most_and_more_bytes_never_hurt():
     assert results == sorted(results, reverse=True)
 
 
+def test_greedy_respects_a_time_cap_and_buys_speed_where_it_costs_least():
+    """A type slow per weight (here the K-quants) is left where the time cap says so; without the cap
+    the same bytes go where the loss falls most."""
+    from birdbone.remodel.speed import TimeModel
+
+    sens = TableSensitivity({"a": 100.0, "b": 1.0, "c": 10.0}, {}, {})
+    free = ladders({"a": 1.0, "b": 1.0, "c": 1.0})
+    cap = int(0.45 * sum(l.options[-1].nbytes for l in free.values()))
+    plan_greedy(free, cap, sens)
+    types = {n: l.option.type for n, l in free.items()}
+    costs = {t: (5e-9 if t.endswith("_K") else 1e-9) for t in BudgetConfig().types}
+    tm = TimeModel(costs, 1e-3, {n: int(np.prod(l.shape)) for n, l in free.items()})
+    unconstrained = tm.seconds(types)
+    cap_s = 1e-3 + 0.8 * (unconstrained - 1e-3)
+    timed = ladders({"a": 1.0, "b": 1.0, "c": 1.0})
+    plan_greedy(timed, cap, sens, timing=(tm, cap_s))
+    after = {n: l.option.type for n, l in timed.items()}
+    assert tm.seconds(after) <= cap_s + 1e-12 < unconstrained and total(timed) <= cap
+    assert any(r.startswith("speed:") for l in timed.values() for r in l.reasons)  # the slow K-quant start was bought off
+    # the loss it pays for the speed is the least it could: more than without the cap, never the worst type everywhere
+    loss = lambda ts: sum(sens.estimate(n, t) for n, t in ts.items())  # noqa: E731
+    assert loss(after) >= loss(types)
+    with pytest.raises(BirdboneError, match="no plan meets both caps"):
+        plan_greedy(ladders({"a": 1.0, "b": 1.0, "c": 1.0}), cap, sens, timing=(tm, 1e-4))
+
+
 def test_a_cap_below_the_smallest_plan_is_an_error():
     ls = ladders({"a": 1.0})
     with pytest.raises(BirdboneError, match="below the smallest legal plan"):
@@ -191,3 +217,17 @@ def test_bad_budget_requests(tiny, tiny_k, usage_dir, tmp_path):
     (tmp_path / "junk.json").write_text("{\"a\": 1}")
     assert "not a birdbone precision plan" in error("quantize", tiny_k.gguf_f16, "--plan", tmp_path / "junk.json", "-o", out)
     assert "--plan sets every tensor" in error("quantize", tiny_k.gguf_f16, "--plan", plan_path, "--dry-run")
+
+
+def test_the_host_s_type_costs_are_measured_with_llama_cpp_and_cached(tmp_path, monkeypatch):
+    """Small synthetic widths (a smoke test of the mechanism: speed goals live in benchmarks)."""
+    from birdbone.remodel import speed
+
+    monkeypatch.setattr(speed, "SYNTH", {"n_embd": 256, "n_ff": 512, "n_head": 4, "n_kv": 2, "vocab": 64})
+    costs = speed.type_costs(("Q8_0", "F16"), threads=2)
+    assert set(costs) == {"Q8_0", "F16"} and all(c > 0 for c in costs.values())
+    from birdbone.io.hashing import user_cache_dir
+
+    files = list(user_cache_dir().glob("speed-*.json"))
+    assert files and json.loads(files[0].read_text())["costs"]["Q8_0"] == costs["Q8_0"]
+    assert speed.type_costs(("Q8_0",), threads=2) == {"Q8_0": costs["Q8_0"]}  # from the cache

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.float_form import float_source
+from birdbone.io.types import file_type
 from birdbone.io.progress import Progress
 from birdbone.remodel.ladder import BASE, LADDER, Ladder, grid_artifacts, options_for
 from birdbone.remodel.plan import Plan, llama_quantize_command, planned_names, read_plan, write_plan
@@ -53,6 +54,8 @@ class BudgetConfig:
     fill: bool = True  # spend bytes left under the cap on the highest-usage tensors (up to p_init)
     stress: StressConfig = field(default_factory=StressConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    max_decode_ms: float | None = None  # time cap: predicted ms per decoded token in llama.cpp on this host (greedy only)
+    no_slower_than: str | None = None  # time cap: no slower than this llama.cpp mix of the same model (e.g. Q4_K_M), predicted
 
     def __post_init__(self):
         from birdbone.io.types import tensor_type
@@ -65,6 +68,14 @@ class BudgetConfig:
             raise ValueError("rounds ≥ 1 and 0 ≤ alpha_first ≤ alpha_last ≤ 1")
         if not 1.0 <= self.p_init <= 32.0:
             raise ValueError(f"p_init {self.p_init} is outside [1, 32] bits")
+        if self.max_decode_ms is not None and self.no_slower_than is not None:
+            raise ValueError("give at most one time cap: max_decode_ms or no_slower_than")
+        if (self.max_decode_ms is not None or self.no_slower_than is not None) and self.method != "greedy":
+            raise ValueError("a time cap needs method greedy (the usage schedule has no time model)")
+        if self.max_decode_ms is not None and self.max_decode_ms <= 0:
+            raise ValueError(f"max_decode_ms {self.max_decode_ms} must be > 0")
+        if self.no_slower_than is not None:
+            file_type(self.no_slower_than)
 
     def alpha(self, k: int) -> float:
         """α_k, k = 1..R."""
@@ -201,15 +212,39 @@ class Planner:
         cfg = replace(self.cfg, method=method)
         cap, words = self.cap(target_bpw, target_bytes)
         ladders = {n: Ladder(n, shape, options_for(shape, cfg.types, self.exclude), self.scores[n]) for n, shape in self.shapes.items()}
+        timing = self.time_cap(cfg)
         if method == "usage":
             plan_usage(ladders, cap, cfg, self.sens, progress)
         else:
-            plan_greedy(ladders, cap, self.sens, progress)
+            plan_greedy(ladders, cap, self.sens, progress, timing)
         detail = {n: {"bytes": l.option.nbytes, "shape": list(l.shape), "usage": l.usage, "fortress": l.fortress, "reasons": l.reasons,
                       "screen": l.screen, "exact": l.exact} for n, l in ladders.items()}
+        types = {n: l.option.type for n, l in ladders.items()}
+        notes = list(self.notes)
+        if timing:
+            notes.append(f"time cap {1e3 * timing[1]:.2f} ms a token ({self.cap_words(cfg)}); the plan is predicted at "
+                         f"{1e3 * timing[0].seconds(types):.2f} ms by this host's time model")
         return Plan(self.model, str(self.source), self.source_sha256, str(self.imatrix) if self.imatrix else None, method, cap, words,
-                    self.fixed_bytes, self.header_bytes, self.n_params, sorted(self.exclude), {n: l.option.type for n, l in ladders.items()},
-                    detail, config_dict(cfg), list(self.notes))
+                    self.fixed_bytes, self.header_bytes, self.n_params, sorted(self.exclude), types, detail, config_dict(cfg), notes,
+                    1e3 * timing[0].seconds(types) if timing else None, 1e3 * timing[1] if timing else None)
+
+    def time_cap(self, cfg: BudgetConfig) -> tuple | None:
+        """(time model, seconds per token) when the config caps time; None otherwise."""
+        if cfg.max_decode_ms is None and cfg.no_slower_than is None:
+            return None
+        from birdbone.remodel.speed import time_model
+
+        tm = time_model(self.source, self.shapes, cfg.types)
+        if cfg.max_decode_ms is not None:
+            return tm, cfg.max_decode_ms / 1e3
+        from birdbone.io.quantize import quantize_file
+
+        mix = quantize_file(self.source, None, cfg.no_slower_than, imatrix=self.imatrix, dry_run=True).types
+        return tm, tm.seconds({n: t for n, t in mix.items() if n in self.shapes})
+
+    @staticmethod
+    def cap_words(cfg: BudgetConfig) -> str:
+        return f"max_decode_ms {cfg.max_decode_ms:g}" if cfg.max_decode_ms is not None else f"no slower than llama.cpp's {cfg.no_slower_than}, predicted"
 
 
 def build_plan(model: str | Path, usage_dir: str | Path, text: str | Path | None, cfg: BudgetConfig,

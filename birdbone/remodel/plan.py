@@ -40,6 +40,8 @@ class Plan:
     detail: dict[str, dict] = field(default_factory=dict)  # tensor -> bytes, usage, fortress, reasons, screen, exact
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    decode_ms: float | None = None  # predicted by the host's time model (when the plan had a time cap)
+    decode_ms_cap: float | None = None
 
     @property
     def tensor_bytes(self) -> int:

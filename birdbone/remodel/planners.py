@@ -99,8 +99,13 @@ def _fill(ladders: dict[str, Ladder], cap: int, cfg: BudgetConfig) -> None:
         l.move(l.i + 1, f"fill: usage {l.s:.3f}, spare bytes under the cap")
 
 
-def plan_greedy(ladders: dict[str, Ladder], cap: int, sens: Sensitivity, progress: Progress | None = None) -> None:
-    """Smallest types first, then the best loss-per-byte upgrade (any step up) while it fits."""
+def plan_greedy(ladders: dict[str, Ladder], cap: int, sens: Sensitivity, progress: Progress | None = None,
+                timing: tuple | None = None) -> None:
+    """Smallest types first, then the best loss-per-byte upgrade (any step up) while it fits.
+
+    ``timing`` = (a :class:`~birdbone.remodel.speed.TimeModel`, seconds per token): a second cap. A
+    plan over it first moves tensors to faster types, most time saved per loss added first, within
+    the byte cap; upgrades then also have to fit the time left."""
     names = list(ladders)
     est: dict[str, list[float]] = {}
     for j, n in enumerate(names):
@@ -112,6 +117,27 @@ def plan_greedy(ladders: dict[str, Ladder], cap: int, sens: Sensitivity, progres
     if total(ladders) > cap:
         raise BirdboneError(f"the cap is {total(ladders) - cap:,} bytes below the smallest legal plan ({total(ladders):,} bytes of tensors); raise the target")
     spare = cap - total(ladders)
+    tm, time_cap = timing if timing else (None, float("inf"))
+    t_of = (lambda n, j: tm.of(n, ladders[n].options[j].type)) if tm else (lambda n, j: 0.0)
+    time_spare = time_cap - (tm.seconds({n: l.option.type for n, l in ladders.items()}) if tm else 0.0)
+    while time_spare < 0:  # too slow: buy time, least loss per second saved
+        best, best_ratio = None, -1.0
+        for n, l in ladders.items():
+            for j in range(len(l.options)):
+                dt, db = t_of(n, j) - t_of(n, l.i), l.options[j].nbytes - l.option.nbytes
+                if dt >= 0 or db > spare:
+                    continue
+                ratio = -dt / max(est[n][j] - est[n][l.i], 1e-30)
+                if ratio > best_ratio:
+                    best, best_ratio = (n, j), ratio
+        if best is None:
+            raise BirdboneError(f"no plan meets both caps: the fastest legal types within the byte cap still take "
+                                f"{1e3 * (time_cap - time_spare):.2f} ms a token, over the {1e3 * time_cap:.2f} ms cap")
+        n, j = best
+        l = ladders[n]
+        spare -= l.options[j].nbytes - l.option.nbytes
+        time_spare -= t_of(n, j) - t_of(n, l.i)
+        l.move(j, f"speed: {l.option.type} → {l.options[j].type} saves {1e6 * (t_of(n, l.i) - t_of(n, j)):.1f} µs a token")
     while True:
         best, best_ratio = None, 0.0
         for n, l in ladders.items():
@@ -119,13 +145,14 @@ def plan_greedy(ladders: dict[str, Ladder], cap: int, sens: Sensitivity, progres
             for j in range(l.i + 1, len(l.options)):
                 db = l.options[j].nbytes - b0
                 gain = e0 - est[n][j]
-                if db <= spare and gain > 0 and gain / db > best_ratio:
+                if db <= spare and gain > 0 and gain / db > best_ratio and t_of(n, j) - t_of(n, l.i) <= time_spare:
                     best, best_ratio = (n, j), gain / db
         if best is None:
             break
         n, j = best
         l = ladders[n]
         spare -= l.options[j].nbytes - l.option.nbytes
+        time_spare -= t_of(n, j) - t_of(n, l.i)
         l.move(j, f"greedy: first-order loss {est[n][l.i]:.3g} → {est[n][j]:.3g}, {best_ratio * 2**20:.3g} per MiB")
     for n, l in ladders.items():
         l.screen = est[n][l.i]
