@@ -219,15 +219,18 @@ def test_bad_budget_requests(tiny, tiny_k, usage_dir, tmp_path):
     assert "--plan sets every tensor" in error("quantize", tiny_k.gguf_f16, "--plan", plan_path, "--dry-run")
 
 
-def test_the_host_s_type_costs_are_measured_with_llama_cpp_and_cached(tmp_path, monkeypatch):
-    """Small synthetic widths (a smoke test of the mechanism: speed goals live in benchmarks)."""
-    from birdbone.remodel import speed
-
-    monkeypatch.setattr(speed, "SYNTH", {"n_embd": 256, "n_ff": 512, "n_head": 4, "n_kv": 2, "vocab": 64})
-    costs = speed.type_costs(("Q8_0", "F16"), threads=2)
-    assert set(costs) == {"Q8_0", "F16"} and all(c > 0 for c in costs.values())
+def test_the_time_model_is_fitted_with_llama_cpp_on_the_model_and_cached(tiny_k):
+    """The fit on a tiny model (a smoke test of the mechanism: speed goals live in benchmarks)."""
     from birdbone.io.hashing import user_cache_dir
+    from birdbone.io.model_file import open_model
+    from birdbone.remodel.plan import planned_names
+    from birdbone.remodel.speed import time_model
 
+    with open_model(tiny_k.gguf_f16) as m:
+        shapes = {n: m.tensors[n].shape for n in planned_names(m)}
+    tm = time_model(tiny_k.gguf_f16, shapes, ("Q4_K", "F16"), threads=2, rounds=1)
+    assert set(tm.costs) == {"Q4_K", "F16", "Q8_0", "Q4_0"} and all(c >= 0 for c in tm.costs.values()) and tm.base >= 0
+    assert 0 < tm.seconds({n: "Q8_0" for n in shapes}) < 1.0
     files = list(user_cache_dir().glob("speed-*.json"))
-    assert files and json.loads(files[0].read_text())["costs"]["Q8_0"] == costs["Q8_0"]
-    assert speed.type_costs(("Q8_0",), threads=2) == {"Q8_0": costs["Q8_0"]}  # from the cache
+    assert len(files) == 1 and len(json.loads(files[0].read_text())["files"]) == 5  # four types and the mix that separates the base
+    assert time_model(tiny_k.gguf_f16, shapes, ("Q4_K",), threads=2).costs["Q4_K"] == tm.costs["Q4_K"]  # from the cache

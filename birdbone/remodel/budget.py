@@ -234,7 +234,7 @@ class Planner:
             return None
         from birdbone.remodel.speed import time_model
 
-        tm = time_model(self.source, self.shapes, cfg.types)
+        tm = time_model(self.source, self.shapes, tuple(t for t in cfg.types if t not in self.exclude))
         if cfg.max_decode_ms is not None:
             return tm, cfg.max_decode_ms / 1e3
         from birdbone.io.quantize import quantize_file
