@@ -87,7 +87,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     state = json.loads((run_dir / "state.json").read_text(encoding="utf-8")) if (run_dir / "state.json").exists() else {}
     out = Path(out) if out else run_dir / "report.html"
-    title = f"birdbone prune run: {run_dir.name}"
+    from birdbone.io.run_folder import run_kind
+
+    title = f"birdbone {run_kind(run_dir) or 'prune'} run: {run_dir.name}"
     rows = [[m["wave"], m.get("phase"), m["density"], m["ppl"], m.get("dppl_pct"), m.get("kld"), m.get("heal_steps"),
              ", ".join(map(str, m.get("stressed_layers", []))) or "—", m.get("seconds")] for m in metrics]
     page = [
