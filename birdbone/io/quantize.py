@@ -11,6 +11,7 @@ birdbone never implements a quantizer of its own.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import re
@@ -222,3 +223,19 @@ def quantize_file(src: str | Path, out: str | Path | None, type_name: str = "Q4_
 def _nbytes(type_name: str, shape: tuple[int, ...]) -> int:
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
     return int(np.prod(shape, dtype=np.int64)) // block * size
+
+
+@contextlib.contextmanager
+def via_float(out: str | Path, out_type: str):
+    """Yield (path, float type) to write a float GGUF to: ``out`` itself for F16/F32, or a temporary
+    F32 file beside it that llama.cpp then quantizes into ``out`` as ``out_type`` (and removes)."""
+    out = Path(out)
+    float_type = out_type.upper() if out_type.upper() in ("F16", "F32") else "F32"
+    target = out if float_type == out_type.upper() else out.with_name(out.name + ".f32.tmp")
+    try:
+        yield target, float_type
+        if target != out:
+            quantize_file(target, out, out_type)
+    finally:
+        if target != out:
+            target.unlink(missing_ok=True)

@@ -86,21 +86,13 @@ def export_weights(m, out: str | Path, weights: dict[str, np.ndarray], out_type:
     """Write ``m`` with ``weights`` (GGUF name -> float array) replacing its tensors, as F16/F32 or
     any llama.cpp file type (written as F32 first, then quantized by llama.cpp). ``check(path)``
     sees the float file before it is quantized (a prune run counts its zeros there)."""
-    from birdbone.bridge.to_gguf import write_like
-    from birdbone.io.quantize import quantize_file
+    from birdbone.io.gguf_writer import write_like
+    from birdbone.io.quantize import via_float
 
-    out = Path(out)
-    float_type = out_type.upper() if out_type.upper() in ("F16", "F32") else "F32"
-    target = out if float_type == out_type.upper() else out.with_name(out.name + ".f32.tmp")
     tensors: dict = {n: (lambda n=n: m.tensor(n)) for n in m.tensors}
     tensors.update(weights)
-    try:
+    with via_float(out, out_type) as (target, float_type):
         write_like(m, target, tensors, float_type, metadata_updates=metadata, progress=progress)
         if check:
             check(target)
-        if target != out:
-            quantize_file(target, out, out_type)
-    finally:
-        if target != out:
-            target.unlink(missing_ok=True)
-    return out
+    return Path(out)

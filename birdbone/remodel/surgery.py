@@ -216,13 +216,11 @@ def write_structured(source, out: str | Path, keep: Keep, weights: dict[str, np.
 
     from birdbone.io.gguf_writer import FILE_TYPE_OF, TensorSpec, _encode, copy_metadata, write_gguf
     from birdbone.io.model_file import open_model
-    from birdbone.io.quantize import quantize_file
+    from birdbone.io.quantize import via_float
 
     out = Path(out)
     weights = weights or {}
-    float_type = out_type.upper() if out_type.upper() in ("F16", "F32") else "F32"
-    target = out if float_type == out_type.upper() else out.with_name(out.name + ".f32.tmp")
-    with open_model(source) as m:
+    with open_model(source) as m, via_float(out, out_type) as (target, float_type):
         d = keep.check()
         arch, old = d.arch, m.architecture
         tensors = cut_tensors(lambda n: weights[n] if n in weights else m.tensor(n).astype(np.float32), list(m.tensors), keep)
@@ -237,13 +235,7 @@ def write_structured(source, out: str | Path, keep: Keep, weights: dict[str, np.
         specs = [TensorSpec(n, w.shape, GGMLQuantizationType.F32 if w.ndim == 1 else qtype,
                             lambda n=n, w=w, t=(GGMLQuantizationType.F32 if w.ndim == 1 else qtype): _encode(_finite(n, w), t, n))
                  for n, w in tensors.items()]
-        try:
-            write_gguf(target, arch, meta, specs, progress)
-            if target != out:
-                quantize_file(target, out, out_type)
-        finally:
-            if target != out:
-                target.unlink(missing_ok=True)
+        write_gguf(target, arch, meta, specs, progress)
     return out
 
 
