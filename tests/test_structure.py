@@ -195,3 +195,16 @@ def test_structure_refuses_impossible_targets(tiny3, tmp_path):
     assert "larger than the model" in error("--hidden", "96", *SMALL)
     assert "not a multiple of hidden_multiple" in error("--hidden", "50")
     assert "at least one must stay" in error("--drop-layers", "3", *SMALL)
+
+
+def test_a_structured_file_handed_to_a_verb_that_cannot_hold_it_is_one_line(tiny3, tmp_path):
+    keep = Keep.everything(dims_of(tiny3.gguf_f32))
+    keep.ffn[1][:32] = False
+    deci = write_structured(tiny3.gguf_f32, tmp_path / "d.gguf", keep, out_type="F32")
+    p = birdbone("convert", deci, "-o", tmp_path / "hf", check=False)
+    assert p.returncode == 2 and "structured (deci) GGUF" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+    # the verbs that can read it do: measure, and a torch profile through the shaped loader
+    assert json.loads(birdbone("measure", deci, "--json").stdout)["architecture"] == "deci"
+    r = json.loads(birdbone("profile", deci, "-o", tmp_path / "usage", "--tokens", "128", "--ctx", "64", "--json").stdout)
+    assert r["weights"] == 21  # 3 layers × 7 matrices

@@ -59,6 +59,10 @@ def convert(model: str | Path, out: str | Path, out_type: str = "F16", like: str
         raise BirdboneError(f"{kind} output type {out_type!r}: choose one of {', '.join(TORCH_TYPES)}")
     if src_format != "gguf":
         raise BirdboneError(f"{src} is already {src_format}; convert writes safetensors / HF folders from GGUF files")
+    with open_model(src) as m:
+        if m.architecture == "deci":  # a saved config could not say the per-layer widths: loading it back would fail
+            raise InputError(src, "is a structured (deci) GGUF: its layers have their own widths, which no Hugging Face "
+                                  "config can hold; keep it as GGUF (birdbone and llama.cpp read it)")
     return _gguf_to_torch(src, out, kind, out_type)
 
 
