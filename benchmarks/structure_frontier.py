@@ -14,6 +14,7 @@ survives being stopped):
 
 * ``llama.cpp TYPE`` for the mixes in ``--mixes``;
 * ``gentle``: the gentle recipe (no structure) at Q4_K_M's bytes;
+* ``budget-IQ4_XS-fast``: the control: no structure, the budget at IQ4_XS's bytes and no slower than Q4_0;
 * ``hollow-T``: the hollow recipe at structure target T (share of the block parameters kept),
   its budget at the structured model's own Q4_K_M size, no slower than it (time model);
 * ``oneshot-T``: the same units removed in one wave, healed for the same total steps;
@@ -56,7 +57,9 @@ ROWS = {
     "width-0.75": ["structure.target=0.75", "structure.arch=llama", "structure.units=ffn,qhead"],
     "hidden512-0.8": ["structure.target=0.8", "structure.hidden=512", "structure.ffn_multiple=256"],
 }
-DEFAULT_MIXES = "Q3_K_M,IQ4_XS,Q4_0,Q4_K_M,Q5_K_M,Q8_0"
+DEFAULT_MIXES = "Q2_K,Q3_K_S,Q3_K_M,IQ4_XS,Q4_0,Q4_K_M,Q5_K_M,Q8_0"
+# the control that answers whether the structure pays: no unit removed, the same byte and time caps
+CONTROLS = {"budget-IQ4_XS-fast": ("gentle", ["budget.target_bytes=IQ4_XS", "budget.no_slower_than=Q4_0"])}
 
 
 def score(path: Path, parent: Path, args) -> dict:
@@ -99,6 +102,7 @@ def recipe_row(name: str, recipe: str, sets: list[str], parent: Path, args) -> d
 SCORE_ROWS = {  # which score wins: the same one-shot removal, no healing, the F16 cut scored directly
     "activation": ["target=0.85", "score=activation"],
     "fluctuation": ["target=0.85", "score=fluctuation"],
+    "wanda": ["target=0.85", "score=wanda"],
     "loo": ["target=0.85", "score=loo"],
     "layers-influence": ["target=1.0", "drop_layers=4", "layer_score=influence"],
     "layers-loo": ["target=1.0", "drop_layers=4", "layer_score=loo"],
@@ -188,7 +192,7 @@ def plots(res: dict, out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=",".join(["mixes", "gentle", "scores", *ROWS]),
+    ap.add_argument("--rows", default=",".join(["mixes", "gentle", *CONTROLS, "scores", *ROWS]),
                     help="mixes, gentle, scores (which unit score wins, one-shot without healing), and any of: " + ", ".join(ROWS))
     ap.add_argument("--mixes", default=DEFAULT_MIXES)
     ap.add_argument("--tokens", type=int, default=8192, help="tokens of the scored text llama.cpp scores per file")
@@ -229,7 +233,9 @@ def main() -> int:
                         done[label] = {**mix_row(mix, parent, imatrix, args), "command": " ".join(sys.argv)}
                         save()
                 continue
-            recipe, sets = ("gentle", []) if name == "gentle" else ("hollow", ROWS[name])
+            if name == "scores":
+                continue  # below: they are not files of the table
+            recipe, sets = ("gentle", []) if name == "gentle" else CONTROLS[name] if name in CONTROLS else ("hollow", ROWS[name])
             label = f"{recipe} {' '.join(sets)}".strip()
             if label in done:
                 continue

@@ -208,3 +208,21 @@ def test_a_structured_file_handed_to_a_verb_that_cannot_hold_it_is_one_line(tiny
     assert json.loads(birdbone("measure", deci, "--json").stdout)["architecture"] == "deci"
     r = json.loads(birdbone("profile", deci, "-o", tmp_path / "usage", "--tokens", "128", "--ctx", "64", "--json").stdout)
     assert r["weights"] == 21  # 3 layers × 7 matrices
+
+
+def test_loo_ranks_by_measured_loss_per_parameter_across_layers():
+    """FFN channels keep wanda's order within a layer and take their layer's measured probe across
+    layers: a layer that minds removal keeps more; heads measured alone compete in the same unit."""
+    from birdbone.remodel.config import StructureConfig
+    from birdbone.remodel.structure import Unit, calibrated_ffn, ranking
+
+    wanda = {0: np.array([1.0, 2.0, 3.0, 4.0]), 1: np.array([1.0, 2.0, 3.0, 4.0])}
+    cal = calibrated_ffn(wanda, {0: 0.5, 1: 0.01})  # layer 0's weakest quarter costs 0.5 nats, layer 1's 0.01
+    assert cal[0][0] == pytest.approx(0.5) and cal[1][0] == pytest.approx(0.01)
+    assert list(np.argsort(cal[0])) == list(np.argsort(wanda[0]))  # the order within a layer is wanda's
+    dims = Dims(8, 2, (2, 2), (1, 1), (4, 4))
+    units = {Unit("ffn", i, j): float(v) for i, c in cal.items() for j, v in enumerate(c)}
+    units[Unit("qhead", 0, 0)] = -0.01  # measured noise below zero counts as almost nothing
+    z = ranking(units, dims, StructureConfig(score="loo"), Keep.everything(dims))
+    order = sorted(z, key=z.get)
+    assert order[0] == Unit("qhead", 0, 0) and order.index(Unit("ffn", 1, 3)) < order.index(Unit("ffn", 0, 0))

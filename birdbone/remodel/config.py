@@ -138,7 +138,7 @@ class ScaffoldConfig:
 # -- pure parts -------------------------------------------------------------------------------------
 
 
-STRUCTURE_SCORES = ("activation", "fluctuation", "loo")
+STRUCTURE_SCORES = ("activation", "fluctuation", "wanda", "loo")
 STRUCTURE_UNITS = ("ffn", "qhead", "group")
 LAYER_SCORES = ("influence", "loo")
 
@@ -148,9 +148,10 @@ class StructureConfig:
     """Structured density loss (``birdbone prune --structured``, a recipe's structure stage)."""
 
     target: float = 0.85  # share of the block matrices' parameters to keep, in (0, 1] (whole layers and width units together)
-    score: str = "fluctuation"  # width units: activation (Minitron), fluctuation (FLAP: variance × column norm²) or loo (measured Δloss for heads and groups)
+    score: str = "loo"  # width units: activation (Minitron), fluctuation (FLAP: variance × column norm², meant for bias compensation), wanda (Wanda-sp: mean square × column norm²) or loo (measured Δloss: heads and groups alone; FFN channels by wanda within a layer, scaled by the measured Δloss of removing the layer's weakest quarter)
     units: tuple[str, ...] = STRUCTURE_UNITS  # what the width target removes: ffn channels, qhead (one query head from every group of a layer), group (a key/value group with its heads)
     drop_layers: int = 0  # whole layers to remove first, lowest layer score first (0: none)
+    min_groups: int = 1  # key/value groups every layer keeps (0 lets a layer lose its attention; the first layer always keeps one)
     layer_score: str = "influence"  # influence (ShortGPT: 1 − cos(input, output)) or loo (measured Δloss with the layer left out)
     hidden: int = 0  # hidden width to cut to (Minitron; e.g. 512 lets K-quants take 576-wide rows); 0 keeps every channel
     ffn_multiple: int = 32  # each layer's FFN width is a multiple of this (32: the legacy types' blocks; 256: K-quants')
@@ -165,7 +166,7 @@ class StructureConfig:
     eval_ctx: int = 256
     calibration_tokens: int = 4096  # profiled for the scores (first and second moments of every input)
     text_tokens: int = 65536  # most calibration tokens healing reads (a long text is cut, so a run's time does not grow with it)
-    loo_windows: int = 4  # calibration windows of eval_ctx each leave-one-out loss is measured on
+    loo_windows: int = 8  # calibration windows of eval_ctx each leave-one-out loss is measured on
     seed: int = 0
 
     def __post_init__(self):
@@ -175,7 +176,7 @@ class StructureConfig:
             raise ValueError(f"score: {', '.join(STRUCTURE_SCORES)}; layer_score: {', '.join(LAYER_SCORES)}")
         if not set(self.units) <= set(STRUCTURE_UNITS):
             raise ValueError(f"units {self.units}: choose from {', '.join(STRUCTURE_UNITS)}")
-        if self.drop_layers < 0 or self.hidden < 0 or self.ffn_multiple < 1 or self.hidden_multiple < 1 or self.loo_windows < 1 or self.text_tokens < 256:
+        if self.min_groups < 0 or self.drop_layers < 0 or self.hidden < 0 or self.ffn_multiple < 1 or self.hidden_multiple < 1 or self.loo_windows < 1 or self.text_tokens < 256:
             raise ValueError("drop_layers ≥ 0, hidden ≥ 0, ffn_multiple ≥ 1, hidden_multiple ≥ 1, loo_windows ≥ 1, text_tokens ≥ 256")
         if self.hidden and self.hidden % self.hidden_multiple:
             raise ValueError(f"hidden {self.hidden} is not a multiple of hidden_multiple {self.hidden_multiple}: it would break the quant type's blocks")

@@ -149,9 +149,12 @@ def _col_norm2(w: np.ndarray) -> np.ndarray:
 
 def width_scores(m, prof, dims: Dims, kind: str) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], np.ndarray]:
     """(FFN channel scores per layer, query-head scores per layer, hidden channel scores), by
-    ``kind``: activation (Minitron) or fluctuation (FLAP)."""
+    ``kind``: activation (Minitron: the RMS of the unit's activation), fluctuation (FLAP: its
+    variance × the output column's squared norm) or wanda (Wanda-sp: its mean square × the column's
+    squared norm: the expected squared change of the block's output when the unit is zeroed)."""
     ffn, heads, hidden = {}, {}, np.zeros(dims.n_embd)
     hd = dims.head_dim
+    moment = prof.variance if kind == "fluctuation" else prof.importance
     for i in range(dims.n_layer):
         down, o = f"blk.{i}.ffn_down.weight", f"blk.{i}.attn_output.weight"
         if kind == "activation":
@@ -161,14 +164,14 @@ def width_scores(m, prof, dims: Dims, kind: str) -> tuple[dict[int, np.ndarray],
             for name in (f"blk.{i}.attn_q.weight", f"blk.{i}.ffn_gate.weight"):
                 if name in prof.in_sum2:
                     hidden += np.sqrt(prof.importance(name))
-        else:
-            ffn[i] = prof.variance(down) * _col_norm2(m.tensor(down))
-            if dims.n_head[i]:
-                heads[i] = (prof.variance(o) * _col_norm2(m.tensor(o))).reshape(-1, hd).sum(axis=1)
-            for reader in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
-                name, source = f"blk.{i}.{reader}.weight", f"blk.{i}.{'attn_q' if reader.startswith('attn') else 'ffn_gate'}.weight"
-                if name in m.tensors and source in prof.in_sum2:
-                    hidden += prof.variance(source) * _col_norm2(m.tensor(name))
+            continue
+        ffn[i] = moment(down) * _col_norm2(m.tensor(down))
+        if dims.n_head[i]:
+            heads[i] = (moment(o) * _col_norm2(m.tensor(o))).reshape(-1, hd).sum(axis=1)
+        for reader in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
+            name, source = f"blk.{i}.{reader}.weight", f"blk.{i}.{'attn_q' if reader.startswith('attn') else 'ffn_gate'}.weight"
+            if name in m.tensors and source in prof.in_sum2:
+                hidden += moment(source) * _col_norm2(m.tensor(name))
     return ffn, heads, hidden
 
 
@@ -179,26 +182,45 @@ def measured_loss(lm, windows: np.ndarray) -> float:
     return held_out_loss(lm, windows)
 
 
+FFN_PROBE = 0.25  # the share of a layer's FFN channels (its weakest, by wanda) whose removal is measured
+
+
 def loo_scores(lm, base_weights: dict, dims: Dims, units: list[Unit], order: dict, windows: np.ndarray, arch: str,
-               progress: Progress | None = None) -> dict[str, float]:
-    """Δloss of each unit masked alone (layers, groups, qhead packets), in the full-size torch model."""
+               progress: Progress | None = None, ffn_order: dict[int, np.ndarray] | None = None) -> dict[str, float]:
+    """Δloss of each unit masked alone (layers, groups, qhead packets), in the full-size torch model;
+    with ``ffn_order`` (per layer, FFN channels weakest first), also ``ffnprobe:i:0``: the Δloss of
+    removing layer i's weakest quarter of FFN channels."""
     from birdbone.remodel.heal import set_weights
 
     everything = Keep.everything(dims)
     full = unit_masks(everything)
     set_weights(lm, {n: (base_weights[n], full[n]) for n in full}, arch)
     base = measured_loss(lm, windows)
+    probes = [Unit("ffnprobe", i, 0) for i in sorted(ffn_order or {})]
     out = {}
-    for j, u in enumerate(units):
+    for j, u in enumerate([*units, *probes]):
         k = everything.copy()
-        remove(k, u, order)
+        if u.kind == "ffnprobe":
+            k.ffn[u.layer][ffn_order[u.layer][: int(FFN_PROBE * len(ffn_order[u.layer]))]] = False
+        else:
+            remove(k, u, order)
         masks = unit_masks(k)
         changed = [n for n in masks if not np.array_equal(masks[n], full[n])]
         set_weights(lm, {n: (base_weights[n], masks[n]) for n in changed}, arch)
         out[u.key()] = measured_loss(lm, windows) - base
         set_weights(lm, {n: (base_weights[n], full[n]) for n in changed}, arch)
         if progress:
-            progress("leave-one-out", j + 1, len(units))
+            progress("leave-one-out", j + 1, len(units) + len(probes))
+    return out
+
+
+def calibrated_ffn(ffn: dict[int, np.ndarray], probes: dict[int, float], floor: float = 1e-6) -> dict[int, np.ndarray]:
+    """FFN channel scores in Δloss: within a layer wanda's proportions, across layers the measured
+    Δloss of removing the layer's weakest quarter (so a layer that minds more keeps more)."""
+    out = {}
+    for i, s in ffn.items():
+        weakest = np.sort(s)[: int(FFN_PROBE * len(s))]
+        out[i] = s * (max(probes[i], floor) / max(float(weakest.sum()), 1e-30))
     return out
 
 
@@ -234,7 +256,7 @@ def score_units(source: Path, prof, tokens: np.ndarray, cfg: StructureConfig, pr
 
     with open_model(source) as m:
         arch, dims = m.architecture, read_dims(m)
-        ffn, heads, hidden = width_scores(m, prof, dims, "activation" if cfg.score == "activation" else "fluctuation")
+        ffn, heads, hidden = width_scores(m, prof, dims, "wanda" if cfg.score == "loo" else cfg.score)
         weights = {n: m.tensor(n).astype(np.float32) for n in prunable(m, ("skeleton", "organ"))}
     order = head_order(heads, dims)
     units: dict[str, float] = {}
@@ -252,9 +274,15 @@ def score_units(source: Path, prof, tokens: np.ndarray, cfg: StructureConfig, pr
         usable = (len(tokens) - 1) // (cfg.eval_ctx + 1)
         windows = tokens[: min(n, usable) * (cfg.eval_ctx + 1)].reshape(-1, cfg.eval_ctx + 1).astype(np.int64)
         measured = [Unit("layer", i, 0) for i in range(dims.n_layer)] if cfg.drop_layers and cfg.layer_score == "loo" else []
+        ffn_order = None
         if cfg.score == "loo":
             measured += [Unit.parse(k) for k in units if k.startswith(("group:", "qhead:"))]
-        units.update(loo_scores(lm, weights, dims, measured, order, windows, arch, progress) if measured else {})
+            ffn_order = {i: np.argsort(ffn[i], kind="stable") for i in ffn} if "ffn" in cfg.units else None
+        found = loo_scores(lm, weights, dims, measured, order, windows, arch, progress, ffn_order) if measured or ffn_order else {}
+        if ffn_order:
+            calibrated = calibrated_ffn(ffn, {i: found.pop(Unit("ffnprobe", i, 0).key()) for i in ffn})
+            units.update({Unit("ffn", i, j).key(): float(v) for i, c in calibrated.items() for j, v in enumerate(c)})
+        units.update(found)
         if cfg.drop_layers and cfg.layer_score == "influence":
             units.update({Unit("layer", i, 0).key(): float(s) for i, s in enumerate(influence_scores(lm, windows))})
     return {"units": units, "head_scores": {str(i): heads[i].tolist() for i in heads}, "score": cfg.score, "layer_score": cfg.layer_score}
@@ -283,9 +311,7 @@ def removal_order(scores: dict, dims: Dims, cfg: StructureConfig) -> tuple[Keep,
         removed += hidden
     full = sum(dims.layer_params(i) for i in range(dims.n_layer))
     goal = cfg.target * full
-    z: dict[Unit, float] = {}
-    for kind in cfg.units:
-        z.update({Unit.parse(k): v for k, v in standardized({u.key(): s for u, s in units.items() if u.kind == kind and keep.layers[u.layer]}).items()})
+    z = ranking(units, dims, cfg, keep)
     current = block_params(keep)
     for u in sorted(z, key=lambda u: (z[u], u.kind, u.layer, u.index)):
         if current <= goal:
@@ -334,6 +360,24 @@ def uniform(keep: Keep, removed: list[Unit], units: dict[Unit, float], order: di
     return new, [u for u in out if u.kind in ("layer", "hidden")] + sorted((u for u in out if u.kind not in ("layer", "hidden")), key=lambda u: z[u])
 
 
+def ranking(units: dict[Unit, float], dims: Dims, cfg: StructureConfig, keep: Keep) -> dict[Unit, float]:
+    """Width units, lowest first. Wanda-sp scores are in one unit across kinds (the squared change of
+    the block's output) and loo's are all Δloss (heads measured, FFN channels calibrated by their
+    layer's measured probe), so both rank by damage per parameter removed (a measured Δloss below
+    zero is noise: it counts as almost nothing); the others, which have no common unit, by their
+    log standardized within each kind (FLAP's global search; the log,
+    because the scores span orders of magnitude and a few large ones would push every other unit of
+    their kind below the mean)."""
+    pool = {u: s for u, s in units.items() if u.kind in cfg.units and keep.layers[u.layer]}
+    if cfg.score in ("wanda", "loo"):
+        return {u: max(s, 1e-9 if cfg.score == "loo" else 0.0) / unit_params(dims, u) for u, s in pool.items()}
+    out: dict[Unit, float] = {}
+    for kind in cfg.units:
+        of_kind = {u.key(): math.log(max(s, 1e-30)) for u, s in pool.items() if u.kind == kind}
+        out.update({Unit.parse(k): v for k, v in standardized(of_kind).items()} if of_kind else {})
+    return out
+
+
 def allowed(keep: Keep, u: Unit, cfg: StructureConfig, order: dict) -> bool:
     """Whether removing ``u`` leaves widths llama.cpp runs and the configured rounding can hold."""
     i = u.layer
@@ -344,7 +388,7 @@ def allowed(keep: Keep, u: Unit, cfg: StructureConfig, order: dict) -> bool:
         return bool(k.ffn[i][u.index]) and int(k.ffn[i].sum()) > cfg.ffn_multiple
     first = int(np.flatnonzero(k.layers)[0])
     if u.kind == "group":
-        return bool(k.groups[i][u.index]) and (i != first or int(k.groups[i].sum()) > 1)
+        return bool(k.groups[i][u.index]) and int(k.groups[i].sum()) > (max(cfg.min_groups, 1) if i == first else cfg.min_groups)
     if u.kind == "qhead":
         kept_groups = np.flatnonzero(k.groups[i])
         per_group = int(k.heads[i][k.group_of(i) == kept_groups[0]].sum()) if kept_groups.size else 0
