@@ -123,7 +123,7 @@ def score_row(name: str, parent: Path, args) -> dict:
     run_structure("builtin", run, cfg, CALIBRATION, usage=WORK / "parent-profile")
     res = export_structure(run, out, None, "F16")
     row = {"kind": "score", "label": f"score {name}", "sets": SCORE_ROWS[name], "seconds": round(time.time() - t0, 1), "arch": res["arch"],
-           "block_params": res["density"], **score(out, parent, args)}
+           "block_params": res["density"], "loo_windows": cfg.loo_windows, "calibration_tokens": cfg.calibration_tokens, **score(out, parent, args)}
     out.unlink()
     return row
 

@@ -166,7 +166,7 @@ class StructureConfig:
     eval_ctx: int = 256
     calibration_tokens: int = 4096  # profiled for the scores (first and second moments of every input)
     text_tokens: int = 65536  # most calibration tokens healing reads (a long text is cut, so a run's time does not grow with it)
-    loo_windows: int = 8  # calibration windows of eval_ctx each leave-one-out loss is measured on
+    loo_windows: int = 2  # calibration windows (eval_ctx each) per leave-one-out pass; ~180 passes, so 2 keep it to minutes
     seed: int = 0
 
     def __post_init__(self):
