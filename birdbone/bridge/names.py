@@ -7,6 +7,8 @@ writing back must apply it again: :func:`permute_qk`.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
 from gguf.tensor_mapping import get_tensor_name_map
@@ -32,8 +34,14 @@ def check_supported(arch: str) -> None:
         raise BirdboneError(f"the torch bridge supports the llama family ({', '.join(sorted(SUPPORTED))}); {arch!r} is not supported yet")
 
 
+@lru_cache(maxsize=32)
+def _name_map(arch: str, n_layers: int):
+    # building gguf-py's table takes milliseconds; leave-one-out asks for it thousands of times
+    return get_tensor_name_map(_arch_enum(arch), n_layers)
+
+
 def hf_to_gguf_name(arch: str, n_layers: int, hf_name: str) -> str | None:
-    name = get_tensor_name_map(_arch_enum(arch), n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    name = _name_map(arch, n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         return None
     # gguf-py returns the suffix it matched with; add it only when it did not
