@@ -235,3 +235,16 @@ def test_the_time_model_is_fitted_with_llama_cpp_on_the_model_and_cached(tiny_k)
     files = list(user_cache_dir().glob("speed-*.json"))
     assert len(files) == 1 and len(json.loads(files[0].read_text())["files"]) == 5  # four types and the mix that separates the base
     assert time_model(tiny_k.gguf_f16, shapes, ("Q4_K",), threads=2).costs["Q4_K"] == tm.costs["Q4_K"]  # from the cache
+
+
+def test_a_time_cap_prices_the_reference_mix_even_in_types_the_plan_may_not_use(tiny_k, usage_dir, tmp_path):
+    """no_slower_than=Q4_K_M with Q6_K excluded: Q4_K_M's own mix holds Q6_K, so the time model must
+    price it (it raised KeyError on the built-in model, whose Q4_0 mix holds the excluded Q4_1), and
+    the plan, which may not use Q6_K, stays under the predicted cap."""
+    plan_path = tmp_path / "plan.json"
+    birdbone("budget", tiny_k.gguf_f16, "--usage", usage_dir, "--target-bpw", "8", "--method", "greedy", *SMALL,
+             "--set", "no_slower_than=Q4_K_M", "--set", "exclude=Q6_K", "-o", plan_path)
+    plan = read_plan(plan_path)
+    assert "Q6_K" not in plan.types.values()
+    assert plan.decode_ms_cap > 0 and plan.decode_ms <= plan.decode_ms_cap * (1 + 1e-9)
+    assert any("time cap" in n for n in plan.notes)

@@ -234,13 +234,16 @@ class Planner:
             return None
         from birdbone.remodel.speed import time_model
 
-        tm = time_model(self.source, self.shapes, tuple(t for t in cfg.types if t not in self.exclude))
+        types = tuple(t for t in cfg.types if t not in self.exclude)
         if cfg.max_decode_ms is not None:
-            return tm, cfg.max_decode_ms / 1e3
+            return time_model(self.source, self.shapes, types), cfg.max_decode_ms / 1e3
         from birdbone.io.quantize import quantize_file
 
         mix = quantize_file(self.source, None, cfg.no_slower_than, imatrix=self.imatrix, dry_run=True).types
-        return tm, tm.seconds({n: t for n, t in mix.items() if n in self.shapes})
+        mix = {n: t for n, t in mix.items() if n in self.shapes}
+        # the reference mix may use a type the plan may not (Q4_0's mix holds Q4_1 here): the model must price it
+        tm = time_model(self.source, self.shapes, tuple(dict.fromkeys([*types, *mix.values()])))
+        return tm, tm.seconds(mix)
 
     @staticmethod
     def cap_words(cfg: BudgetConfig) -> str:
