@@ -226,3 +226,20 @@ def test_loo_ranks_by_measured_loss_per_parameter_across_layers():
     z = ranking(units, dims, StructureConfig(score="loo"), Keep.everything(dims))
     order = sorted(z, key=z.get)
     assert order[0] == Unit("qhead", 0, 0) and order.index(Unit("ffn", 1, 3)) < order.index(Unit("ffn", 0, 0))
+
+
+def test_a_group_brought_back_keeps_every_group_as_wide_as_the_others():
+    """Rollback restores units strongest first: a key/value group can come back while a query-head
+    packet of its layer stays out; the group then gets the heads the other groups have, no more."""
+    from birdbone.remodel.structure import Unit, head_order, remove, restore
+
+    d = Dims(64, 8, (8,), (2,), (128,))
+    order = head_order({0: np.arange(8, dtype=float)}, d)
+    keep = Keep.everything(d)
+    remove(keep, Unit("qhead", 0, 0), order)  # every group loses its weakest head
+    remove(keep, Unit("group", 0, 1), order)
+    restore(keep, Unit("group", 0, 1), order)
+    keep.check()  # llama.cpp's rule: as many heads in every group
+    assert keep.heads[0].sum() == 6 and keep.groups[0].all()
+    restore(keep, Unit("qhead", 0, 0), order)
+    assert keep.heads[0].all()

@@ -115,7 +115,10 @@ def restore(keep: Keep, unit: Unit, order: dict[int, np.ndarray]) -> None:
         keep.ffn[i][j] = True
     elif unit.kind == "group":
         keep.groups[i][j] = True
-        keep.heads[i][keep.group_of(i) == j] = True
+        # its heads come back as the other kept groups have theirs: a query-head packet still out stays out
+        # (llama.cpp needs as many heads in every group)
+        mates = [g for g in np.flatnonzero(keep.groups[i]) if g != j]
+        keep.heads[i][order[i][j]] = keep.heads[i][order[i][mates[0]]] if mates else True
     elif unit.kind == "qhead":
         keep.heads[i][order[i][:, j]] = True
 
@@ -496,7 +499,9 @@ def run_structure(source: str | Path, run_dir: str | Path, cfg: StructureConfig,
                     remove(keep, u, order)
             else:  # rollback: a third of the last pruning wave's units back, strongest first
                 last = next(w for w in reversed(run.metrics) if w["wave"] == run.state.rollback_of)
-                back = sorted((Unit.parse(x) for x in last["units"]), key=lambda u: -plan["scores"].get(u.key(), 0.0))
+                # the units earlier rollback waves of this breach already brought back are not restored twice
+                restored = {x for w in run.metrics if w["wave"] > run.state.rollback_of for x in w.get("restored", [])}
+                back = sorted((Unit.parse(x) for x in last["units"] if x not in restored), key=lambda u: -plan["scores"].get(u.key(), 0.0))
                 units = back[: math.ceil(len(back) / cfg.stop_loss.rollback_waves)]
                 for u in units:
                     restore(keep, u, order)
