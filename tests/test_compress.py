@@ -269,19 +269,21 @@ seed: 1
 stages: [profile, structure, budget, export, verify]
 profile: {tokens: 256, ctx: 64}
 structure: {target: 0.7, ffn_multiple: 32, heal: {steps: 3, batch: 2, seq: 32, kd_weight: 1.0}, eval_tokens: 256, eval_ctx: 64,
-            calibration_tokens: 256}
+            calibration_tokens: 256, stop_loss: {threshold_pct: 1000.0}}
 budget: {method: greedy, target_bytes: Q4_K_M, sensitivity: {val_tokens: 256, val_ctx: 64, passes: 2, seq: 32}}
 verify: {tokens: 256, ctx: 64, canary_tokens: 4, decode: 4, reference: Q4_K_M}
 """
 
 
 def test_the_hollow_loop_ships_a_smaller_structured_file(tiny, tmp_path):
-    """profile → structure (distilled healing) → budget on the smaller model → export → verify, on a tiny model."""
+    """profile → structure (distilled healing) → budget on the smaller model → export → verify, on a tiny model
+    (a random one, which any cut hurts: the stop-loss is set aside so the run reaches its target)."""
     recipe = tmp_path / "hollow.yaml"
     recipe.write_text(TINY_HOLLOW)
     r = json.loads(birdbone("compress", tiny.gguf_f16, "-r", recipe, "-o", tmp_path / "h.gguf", "--json").stdout)
     s = r["stages"]["structure"]
-    assert s["arch"] == "deci" and 0.65 < s["block_params"] < 0.75 and s["ffn_removed"] > 0
+    # target 0.7; FFN widths round up to multiples of 32 of 128, so the plan lands within a rounding of it
+    assert s["arch"] == "deci" and 0.65 < s["block_params"] <= 0.76 and s["ffn_removed"] > 0
     checks = {g["guardrail"]: g for g in r["verify"]["guardrails"]}
     # the budget planned the smaller model at its own Q4_K_M size: far below the parent's Q4_K_M
     assert checks["bytes ≤ Q4_K_M"]["value"] < 0.95 * checks["bytes ≤ Q4_K_M"]["limit"]
