@@ -501,8 +501,8 @@ def run_structure(source: str | Path, run_dir: str | Path, cfg: StructureConfig,
                 last = next(w for w in reversed(run.metrics) if w["wave"] == run.state.rollback_of)
                 # the units earlier rollback waves of this breach already brought back are not restored twice
                 restored = {x for w in run.metrics if w["wave"] > run.state.rollback_of for x in w.get("restored", [])}
-                back = sorted((Unit.parse(x) for x in last["units"] if x not in restored), key=lambda u: -plan["scores"].get(u.key(), 0.0))
-                units = back[: math.ceil(len(back) / cfg.stop_loss.rollback_waves)]
+                back = sorted((Unit.parse(x) for x in last["units"]), key=lambda u: -plan["scores"].get(u.key(), 0.0))
+                units = [u for u in back if u.key() not in restored][: math.ceil(len(back) / cfg.stop_loss.rollback_waves)]
                 for u in units:
                     restore(keep, u, order)
             new = unit_masks(keep)
