@@ -29,6 +29,15 @@ def _isolated_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def _input_scope():
+    """Each test is a command of its own: the inputs it reads are noted apart from other tests'."""
+    from birdbone.io.inputs import input_scope
+
+    with input_scope():
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
     """Two threads (the CI machine's cores), float32 default: set once, as early as possible."""

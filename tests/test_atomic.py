@@ -25,14 +25,42 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert out.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
-def test_stale_temps_are_cleaned_fresh_ones_kept(tmp_path):
-    stale, fresh = tmp_path / f"{TEMP_PREFIX}1-a.gguf", tmp_path / f"{TEMP_PREFIX}2-b.gguf"
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_only_a_dead_runs_old_temps_are_cleaned(tmp_path):
+    """A live run's temp may sit untouched for minutes (a dissection writes only below its temp
+    folder): its process is alive, so it stays, however old; a dead run's goes once it is old."""
+    dead = dead_pid()
+    stale, fresh = tmp_path / f"{TEMP_PREFIX}{dead}-a.gguf", tmp_path / f"{TEMP_PREFIX}{dead}-b.gguf"
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-c"
     stale.write_bytes(b"x")
     fresh.write_bytes(b"y")
+    live.mkdir()
+    (live / "organ.bin").write_bytes(b"z")
     old = time.time() - 3600
-    os.utime(stale, (old, old))
+    for p in (stale, live):
+        os.utime(p, (old, old))
     assert clean_stale_temps(tmp_path) == [stale]
-    assert fresh.exists() and not stale.exists()
+    assert fresh.exists() and live.exists() and not stale.exists()
+
+
+def test_a_long_dissection_keeps_its_temp_while_another_command_writes_beside_it(tmp_path, tiny):
+    """The probe's case: a dissection older than the stale age loses nothing to a quantize beside it."""
+    from birdbone.anatomy.dissect import dissect
+    from birdbone.io.quantize import quantize_file
+
+    def slow(done, total):
+        if done == 1:
+            for t in tmp_path.glob(TEMP_PREFIX + "*"):
+                os.utime(t, (time.time() - 3600,) * 2)  # looks an hour old
+            quantize_file(tiny.gguf_f16, tmp_path / "q.gguf", "Q8_0")  # cleans stale temps beside it
+
+    dissect(tiny.gguf_f16, tmp_path / "organs", progress=slow)
+    assert (tmp_path / "organs" / "manifest.json").exists() and (tmp_path / "q.gguf").exists()
 
 
 def test_check_output_refuses_input_and_full_disk(tmp_path):

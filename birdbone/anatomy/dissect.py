@@ -8,19 +8,18 @@ copy chunk. The folder appears only when complete (built under a temporary name,
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 from birdbone.anatomy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, ROLE_DIRS, dumps
 from birdbone.anatomy.roles import classify
-from birdbone.io.atomic import TEMP_PREFIX, clean_stale_temps
+from birdbone.io.atomic import atomic_folder, check_output_folder
 from birdbone.io.errors import InputError
 from birdbone.io.gguf_layout import layout_of
 from birdbone.io.gguf_reader import SPLIT_RE, GGUFFile
+from birdbone.io.inputs import note_input
 from birdbone.io.model_file import resolve_model_path
 from birdbone.io.progress import Progress, tick
 from birdbone.io.report import Line
@@ -28,36 +27,15 @@ from birdbone.io.report import Line
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def prepare_out_dir(out: Path) -> Path:
-    """Refuse a non-empty output folder; return the temporary folder to build in."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(out, "output folder exists and is not empty")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise InputError(out, f"parent folder {parent} does not exist")
-    clean_stale_temps(parent)
-    return parent / f"{TEMP_PREFIX}{os.getpid()}-{out.name}"
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()  # checked empty
-    os.replace(tmp, out)
-
-
 def dissect(model: str | Path, out: str | Path, progress: Callable[[int, int], None] | None = None) -> dict:
     src = resolve_model_path(model)
     out = Path(out)
     if SPLIT_RE.match(src.name):
         raise InputError(src, "dissect takes a single-file GGUF; this is one shard of a split model")
-    tmp = prepare_out_dir(out)
-    try:
-        with GGUFFile(src) as f:
-            manifest = _dissect_into(f, src, tmp, progress)
-        commit_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    check_output_folder(out, [src])
+    with GGUFFile(src) as f, atomic_folder(out) as tmp:
+        note_input(src)
+        return _dissect_into(f, src, tmp, progress)
 
 
 def _dissect_into(f: GGUFFile, src: Path, folder: Path, progress) -> dict:

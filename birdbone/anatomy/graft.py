@@ -20,6 +20,7 @@ from gguf.constants import GGUFValueType
 
 from birdbone.anatomy.body import Body, copy_layout, decode, set_kvs
 from birdbone.anatomy.selection import parse_layers, select
+from birdbone.io.inputs import note_input
 from birdbone.io.atomic import check_output
 from birdbone.io.codes import code_change
 from birdbone.io.errors import BirdboneError
@@ -142,6 +143,7 @@ def graft_model(base: str | Path, donor: str | Path, out: str | Path, layers: st
                 threads: int | None = None, progress: Progress | None = None) -> GraftReport:
     """``birdbone graft``: the donor's selected organs in the base, checked in llama.cpp, optionally
     evaluated against the base on ``text`` (an organ-folder base has no file to compare with)."""
+    note_input(text)  # known before any output is written, so none lands on them
     from birdbone.anatomy.validate import validate as validate_file
 
     res = graft(base, donor, out, layers, roles, tensors, convert, tick(progress, "graft"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from birdbone.io.errors import InputError
+from birdbone.io.inputs import note_input, read_json
 from birdbone.io.gguf_layout import KV, Layout, TensorEntry
 from birdbone.io.gguf_reader import tensor_nbytes
 
@@ -64,10 +65,8 @@ def load_manifest(folder: str | Path) -> Manifest:
     path = folder / MANIFEST
     if not path.exists():
         raise InputError(folder, f"not an organ folder: no {MANIFEST}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"invalid JSON: {e}") from None
+    note_input(folder, folder=True)  # an organ folder is read whole: nothing of this command lands inside it
+    data = read_json(path, "organ manifest")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(path, f"not a birdbone organ manifest (format must be {FORMAT!r})")
     if data.get("format_version") != FORMAT_VERSION:

@@ -12,11 +12,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
-from birdbone.io.atomic import TEMP_PREFIX, check_output, clean_stale_temps
+from birdbone.io.atomic import atomic_folder, check_output, check_output_folder
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.model_file import open_model, resolve_model_path
 from birdbone.io.progress import tick
@@ -43,12 +41,7 @@ def convert(model: str | Path, out: str | Path, out_type: str = "F16", like: str
         size = m.file_bytes
         src_format = m.format
     if kind == "hf":
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise InputError(out, "output folder exists and is not empty")
-        if out.resolve() == src.resolve():
-            raise InputError(out, "output path is the same as the input; refusing to overwrite it")
-        if not out.resolve().parent.is_dir():
-            raise InputError(out, f"output folder {out.resolve().parent} does not exist")
+        check_output_folder(out, [src, like])
     else:
         check_output(out, [src, like], need_bytes=size * 4)
     if kind == "gguf":
@@ -104,17 +97,9 @@ def _gguf_to_torch(src: Path, out: Path, kind: str, out_type: str) -> Path:
         with atomic_path(out) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         return out
-    parent_dir = out.resolve().parent
-    clean_stale_temps(parent_dir)
-    tmp = parent_dir / f"{TEMP_PREFIX}{os.getpid()}-{out.name}"
-    try:
+    with atomic_folder(out) as tmp:  # out checked absent or empty above
         lm.save_pretrained(str(tmp), safe_serialization=True)
         _save_tokenizer(src, tmp)
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

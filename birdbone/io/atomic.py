@@ -1,8 +1,9 @@
 """Atomic outputs: write into a temporary file beside the target, then rename.
 
-A killed run leaves only ``.birdbone-tmp-*`` files, which the next start removes
-(:func:`clean_stale_temps`). Inputs are never overwritten: :func:`check_output` refuses an
-output path that is one of the inputs.
+A killed run leaves only ``.birdbone-tmp-<pid>-*`` files, which a later start removes once that
+process is gone (:func:`clean_stale_temps`). Inputs are never overwritten: :func:`check_output`
+refuses an output path that is an input before the work starts, and every commit checks again
+against the inputs the command read (:mod:`birdbone.io.inputs`).
 """
 
 from __future__ import annotations
@@ -11,24 +12,23 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from birdbone.io.errors import InputError
+from birdbone.io.inputs import landing_on_input, note_written
 
 TEMP_PREFIX = ".birdbone-tmp-"
-# A temp file untouched for this long belongs to a run that died.
+# A temp whose process is gone is only removed once untouched this long (a pid can be reused).
 STALE_AFTER_S = 60.0
 
 
 def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike] = (), need_bytes: int = 0) -> Path:
     """Validate an output path before any work starts; returns it resolved."""
     out = Path(out)
-    for inp in inputs:
-        # resolve() catches other spellings of one path; samefile() catches hard links
-        if inp is not None and (out.resolve() == Path(inp).resolve()
-                                or (out.exists() and Path(inp).exists() and os.path.samefile(out, inp))):
-            raise InputError(out, "output path is the same file as an input; refusing to overwrite it")
+    if "\0" in str(out):
+        raise InputError(repr(str(out)), "path holds a NUL byte")
+    refuse_input(out, inputs)
     parent = out.resolve().parent
     if not parent.is_dir():
         raise InputError(out, f"output folder {parent} does not exist")
@@ -42,14 +42,50 @@ def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike] = (), n
     return out
 
 
+def check_output_folder(out: str | os.PathLike, inputs: list | tuple = ()) -> Path:
+    """Validate a folder output before any work starts: absent or empty, its parent there, not an input."""
+    out = Path(out)
+    if "\0" in str(out):
+        raise InputError(repr(str(out)), "path holds a NUL byte")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(out, "output folder exists and is not empty")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise InputError(out, f"parent folder {parent} does not exist")
+    refuse_input(out, inputs)
+    return out
+
+
+def refuse_input(out: str | os.PathLike, inputs: list | tuple = ()) -> None:
+    """A one-line error when writing ``out`` would destroy an input of this command."""
+    why = landing_on_input(out, inputs)
+    if why:
+        raise InputError(out, why)
+
+
+def _owner_alive(temp: Path) -> bool:
+    """Whether the process named in a temp's name (``.birdbone-tmp-<pid>-…``) still runs."""
+    pid = temp.name[len(TEMP_PREFIX):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
 def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove temporary files that a killed run left in ``folder``."""
+    """Remove temporaries that a killed run left in ``folder``: only those whose process is gone,
+    since a live run's temp folder may not change for minutes (a dissection writes only below it)."""
     removed = []
     now = time.time()
     with contextlib.suppress(OSError):
         for p in Path(folder).glob(TEMP_PREFIX + "*"):
             with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > STALE_AFTER_S:
+                if not _owner_alive(p) and now - p.stat().st_mtime > STALE_AFTER_S:
                     if p.is_dir():
                         shutil.rmtree(p)
                     else:
@@ -62,13 +98,39 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
 def atomic_path(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success rename it onto ``out``."""
     out = Path(out)
-    tmp = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}")
+    tmp = temp_beside(out)
     try:
         yield tmp
+        refuse_input(out)
         os.replace(tmp, out)
+        note_written(out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def temp_beside(out: Path) -> Path:
+    return out.resolve().parent / f"{TEMP_PREFIX}{os.getpid()}-{out.name}"
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out``; on success it becomes ``out``.
+    ``out`` must be absent or empty unless ``replace`` (the caller checked it is ours to replace)."""
+    out = Path(out)
+    clean_stale_temps(out.resolve().parent)
+    tmp = temp_beside(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        refuse_input(out)
+        if out.exists():
+            shutil.rmtree(out) if replace else out.rmdir()
+        os.replace(tmp, out)
+        note_written(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes_atomic(out: str | os.PathLike, data: bytes) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.inputs import note_input, read_document
 
 T = TypeVar("T")
 
@@ -143,12 +144,13 @@ def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | 
         import yaml
 
         path = Path(path)
-        if not path.is_file():
-            raise InputError(path, "no such config file")
+        note_input(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(read_document(path, "config file")) or {}
         except yaml.YAMLError as e:
             raise InputError(path, f"not valid YAML ({' '.join(str(e).split())})") from None
+        except RecursionError:
+            raise InputError(path, "not valid YAML (nested too deep)") from None
         if not isinstance(data, dict):
             raise InputError(path, "a config file must be a mapping of keys to values")
     overridden: set[str] = set()

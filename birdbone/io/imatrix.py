@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from birdbone.io.errors import InputError
+from birdbone.io.inputs import note_input, regular_file
 from birdbone.io.gguf_reader import GGUFFile
 
 SUM_SUFFIX, COUNT_SUFFIX = ".in_sum2", ".counts"
@@ -34,9 +35,8 @@ class Imatrix:
 
 
 def read_imatrix(path: str | Path) -> Imatrix:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
+    path = regular_file(path, "imatrix file")
+    note_input(path)
     with open(path, "rb") as fh:
         magic = fh.read(4)
     return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)

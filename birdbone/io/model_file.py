@@ -11,7 +11,6 @@ Shapes are in numpy / torch order (rows first). GGUF stores dims the other way r
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from birdbone.io.errors import InputError
+from birdbone.io.inputs import note_input, regular_file
 
 BUILTIN = "builtin"
 
@@ -109,7 +109,14 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 def open_model(model: str | os.PathLike) -> ModelFile:
     """Open a GGUF (single or split), a safetensors file or sharded set, or a Hugging Face folder."""
-    path = resolve_model_path(model)
+    m = _open(resolve_model_path(model))
+    note_input(*m.files)
+    return m
+
+
+def _open(path: Path) -> ModelFile:
+    if "\0" in str(path):
+        raise InputError(repr(str(path)), "path holds a NUL byte")
     if not path.exists():
         raise InputError(path, "no such file or folder")
     if path.is_dir():
@@ -120,7 +127,7 @@ def open_model(model: str | os.PathLike) -> ModelFile:
         from birdbone.io.safetensors_reader import open_safetensors
 
         return open_safetensors(path)
-    with open(path, "rb") as fh:
+    with open(regular_file(path, "model file"), "rb") as fh:
         magic = fh.read(4)
     if magic == b"GGUF":
         from birdbone.io.gguf_model import open_gguf
@@ -133,10 +140,3 @@ def open_model(model: str | os.PathLike) -> ModelFile:
     raise InputError(path, f"unknown model format (magic {magic!r}); expected a GGUF, a .safetensors file or a Hugging Face folder")
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"invalid JSON: {e}") from None

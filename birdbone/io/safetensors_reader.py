@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from birdbone.io.errors import InputError
-from birdbone.io.model_file import ModelFile, TensorInfo, read_json
+from birdbone.io.inputs import note_input, read_json
+from birdbone.io.model_file import ModelFile, TensorInfo
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -125,7 +126,8 @@ class _SafetensorsBackend:
 
 
 def _shards_from_index(index_path: Path) -> list[Path]:
-    index = read_json(index_path)
+    note_input(index_path)
+    index = read_json(index_path, "safetensors index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(index_path, "safetensors index has no weight_map")
@@ -149,7 +151,8 @@ def _architecture(config: dict) -> str:
 
 
 def _read_config(path: Path) -> dict:
-    config = read_json(path)
+    note_input(path)
+    config = read_json(path, "config.json")
     if not isinstance(config, dict):
         raise InputError(path, "config.json is not a JSON object")
     return config

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from birdbone.io.errors import InputError
+from birdbone.io.inputs import note_input, regular_file
 
 
 def load_text(path: str | Path | None) -> tuple[str, str]:
@@ -23,11 +24,10 @@ def load_text(path: str | Path | None) -> tuple[str, str]:
 
         p = builtin_text_path()
         return p.read_bytes().decode("utf-8"), "builtin:shakespeare.txt"
-    p = Path(path)
+    p = regular_file(path, "text file")
+    note_input(p)
     try:
         text = p.read_bytes().decode("utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        raise InputError(p, "no such file") from None
     except UnicodeDecodeError:
         raise InputError(p, "is not UTF-8 text") from None
     if not text.strip():

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from birdbone.io.inputs import note_input
 from birdbone.io.errors import InputError
 from birdbone.measure.config import ProfileConfig
 from birdbone.measure.usage import UsageProfile
@@ -219,6 +220,7 @@ class ProfileReport:
 def profile_model(model: str | Path = "builtin", out: str | Path = "usage", text: str | Path | None = None,
                   cfg: ProfileConfig = ProfileConfig(), progress: Progress | None = None, threads: int | None = None) -> ProfileReport:
     """``birdbone profile``: the usage profile of ``model`` on ``text``, written to the folder ``out``."""
+    note_input(text)  # known before any output is written, so none lands on them
     from birdbone.measure.usage import write_profile
 
     prof = profile(model, text, cfg.tokens or None, cfg.ctx, cfg.gradients, progress, threads=threads)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from birdbone.io.atomic import TEMP_PREFIX, clean_stale_temps
+from birdbone.io.atomic import atomic_folder
+from birdbone.io.inputs import note_folder_files, read_json
 
 PROFILE_VERSION = 1
 PROFILE_FILES = ("usage.safetensors", "usage.json", "imatrix.gguf")
@@ -122,21 +122,12 @@ def write_profile(profile: UsageProfile, out_dir: str | Path) -> Path:
         raise InputError(out_dir, f"output folder {parent} does not exist")
     if out_dir.exists() and (not out_dir.is_dir() or set(os.listdir(out_dir)) - set(PROFILE_FILES)):
         raise InputError(out_dir, "exists and is not a usage profile folder; refusing to replace it")
-    clean_stale_temps(parent)
-    tmp = parent / f"{TEMP_PREFIX}{os.getpid()}-{out_dir.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out_dir, replace=True) as tmp:
         save_file(profile.arrays(), str(tmp / "usage.safetensors"), metadata={"birdbone.usage.version": str(profile.version)})
         (tmp / "usage.json").write_text(json.dumps(profile.summary(), indent=1) + "\n", encoding="utf-8")
         sums = {k: v[None, :] for k, v in profile.in_sum2.items()}
         counts = {k: np.array([[c]], dtype=np.float32) for k, c in profile.counts.items()}
         write_imatrix(tmp / "imatrix.gguf", sums, counts, [profile.text_name], profile.chunks, profile.ctx)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -151,7 +142,8 @@ def read_profile(folder: str | Path) -> UsageProfile:
     path, summary = folder / "usage.safetensors", folder / "usage.json"
     if not path.exists() or not summary.exists():
         raise InputError(folder, "not a usage profile folder (usage.safetensors and usage.json expected)")
-    s = json.loads(summary.read_text(encoding="utf-8"))
+    note_folder_files(folder)  # its imatrix.gguf too: a plan made from it names it
+    s = read_json(summary, "usage summary")
     prof = UsageProfile(s["model"], s["text"], s["tokens"], s["ctx"], s["chunks"], s["eps"], version=s["version"])
     with safe_open(str(path), "numpy") as f:
         for key in f.keys():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.inputs import note_input, read_json
 from birdbone.io.progress import Progress, tick
 from birdbone.io.run_folder import STATE_FILE, read_run, run_kind
 from birdbone.recipe.plan import EXPORTED, OUTPUT_MODEL
@@ -24,6 +25,7 @@ def waves_folder(run_dir: str | Path) -> Path:
     run's ``structure/`` or ``waves/``."""
     run_dir = Path(run_dir)
     kind = read_run(run_dir).get("kind")
+    note_input(run_dir, folder=True)  # a finished run is read: nothing of this command lands inside it
     if kind in ("prune", "structure"):
         return run_dir
     if kind == "compress":
@@ -103,7 +105,8 @@ def revert_to_stage(run_dir: str | Path, stage: str, out: str | Path, out_type: 
     run_dir, out = Path(run_dir), Path(out)
     if read_run(run_dir).get("kind") != "compress":
         raise InputError(run_dir, "not a compress run folder (--to-stage reverts compress runs)")
-    state = json.loads((run_dir / STATE_FILE).read_text())
+    note_input(run_dir, folder=True)
+    state = read_json(run_dir / STATE_FILE, "run state")
     if stage not in STAGES:
         raise BirdboneError(f"--to-stage {stage!r}: stages are {', '.join(STAGES)}")
     if stage not in state["done"]:

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from birdbone.io.inputs import note_input
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.float_form import float_source
 from birdbone.io.types import file_type
@@ -294,9 +295,12 @@ def budget_model(model: str | Path = "builtin", usage: str | Path | None = None,
                  out: str | Path | None = None, plan_in: str | Path | None = None, emit: str | None = None,
                  progress: Progress | None = None) -> BudgetReport:
     """``birdbone budget``: make a plan (or read ``plan_in``), write it to ``out``, or give it as a llama-quantize command."""
+    note_input(text, plan_in)  # known before any output is written, so none lands on them
     if emit not in (None, "llama-quantize"):
         raise BirdboneError(f"--emit {emit!r}: the one known form is llama-quantize")
     if plan_in is not None:
+        if out is not None:
+            raise BirdboneError("--plan reads a finished plan and -o writes a new one: give one of them")
         plan = read_plan(plan_in)
     else:
         if usage is None:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.inputs import note_input, read_json
 from birdbone.io.float_form import float_source
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,8 @@ def write_plan(plan: Plan, out: str | Path) -> Path:
 
 def read_plan(path: str | Path) -> Plan:
     path = Path(path)
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"is not a JSON plan: {e}") from None
+    note_input(path)
+    d = read_json(path, "precision plan")
     if not isinstance(d, dict) or d.get("version") != PLAN_VERSION or not isinstance(d.get("types"), dict):
         raise InputError(path, f"is not a birdbone precision plan (version {PLAN_VERSION} with a 'types' map)")
     keys = {f for f in Plan.__dataclass_fields__}

@@ -42,6 +42,7 @@ from typing import Callable
 import numpy as np
 
 from birdbone.anatomy.roles import classify
+from birdbone.io.inputs import note_input
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.config import config_dict
 from birdbone.io.errors import BirdboneError, InputError
@@ -446,6 +447,7 @@ class PruneReport:
 def prune_model(model: str | Path, out: str | Path, run_dir: str | Path, cfg: PruneConfig = PruneConfig(), text: str | Path | None = None,
                 out_type: str = "F16", progress: Progress | None = None, threads: int | None = None) -> PruneReport:
     """``birdbone prune``: run (or resume) the waves, export the last one, and score it in llama.cpp on the held-out text."""
+    note_input(text)  # known before any output is written, so none lands on them
     from birdbone.evaluate.compare import EvalConfig, evaluate
 
     run = run_prune(model, run_dir, cfg, text, progress)

@@ -32,6 +32,7 @@ from gguf.constants import GGUFValueType
 
 from birdbone.anatomy.body import Body
 from birdbone.anatomy.selection import parse_layers, select
+from birdbone.io.inputs import note_input
 from birdbone.io.errors import BirdboneError
 from birdbone.measure.tensor import theta_of
 from birdbone.remodel.rewrite import relative_change, rewrite_tensors
@@ -137,6 +138,7 @@ def purify_model(src: str | Path, out: str | Path, method: str, strength: float 
     ``evaluate_with`` (an ``EvalConfig``), the output is scored against the input on ``text`` (an
     organ folder has no file to compare with, so then the output is scored alone).
     """
+    note_input(text)  # known before any output is written, so none lands on them
     if method not in METHODS:
         raise BirdboneError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     purify = METHODS[method]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from birdbone.evaluate.compare import EvalConfig, EvalReport
+from birdbone.io.inputs import note_input
 from birdbone.io.errors import BirdboneError
 from birdbone.io.progress import Progress
 from birdbone.io.quantize import QuantizeResult
@@ -56,6 +57,7 @@ def quantize_model(model: str | Path = "builtin", out: str | Path | None = None,
                    progress: Progress | None = None) -> QuantizeReport:
     """Quantize ``model`` with a llama.cpp file mix (plus per-tensor overrides), or with one type per
     tensor from a ``plan``; with ``evaluate_with``, score the output against the input's float form."""
+    note_input(imatrix, plan, text)  # known before any output is written, so none lands on them
     from birdbone.io.quantize import quantize_file
 
     if plan is not None:

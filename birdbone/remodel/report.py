@@ -16,6 +16,7 @@ import numpy as np
 
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.errors import InputError
+from birdbone.io.inputs import note_folder_files
 from birdbone.measure.report import CSS, figure, html_table, png_base64
 
 
@@ -84,6 +85,7 @@ def _plot_density(metrics: list[dict]) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
+    note_folder_files(run_dir, own=("report.html",))  # the run is an input; its report.html is the report's own
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     state = json.loads((run_dir / "state.json").read_text(encoding="utf-8")) if (run_dir / "state.json").exists() else {}
     out = Path(out) if out else run_dir / "report.html"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from birdbone.io.inputs import note_input
 from birdbone.io.errors import BirdboneError
 from birdbone.remodel.config import ScaffoldConfig
 from birdbone.io.progress import Progress, tick
@@ -245,6 +246,7 @@ def scaffold_model(model: str | Path, out: str | Path, cfg: ScaffoldConfig = Sca
                    progress: Progress | None = None) -> ScaffoldReport:
     """``birdbone scaffold``: scaffold the float form of ``model`` and export it; with ``evaluate_after``,
     score it in llama.cpp against the float parent, beside the unscaffolded model in the same type."""
+    note_input(text)  # known before any output is written, so none lands on them
     from gguf.constants import GGUFValueType
 
     from birdbone.anatomy.selection import parse_layers

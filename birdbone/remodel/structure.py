@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from birdbone.io.inputs import note_input
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.dims import Dims
 from birdbone.io.errors import BirdboneError
@@ -697,6 +698,7 @@ def structure_model(model: str | Path, out: str | Path, run_dir: str | Path, cfg
                     threads: int | None = None, usage: str | Path | None = None) -> StructureReport:
     """``birdbone structure``: run (or resume) the structural waves, export the last one with its
     units cut out, and score it in llama.cpp on the held-out text against the source."""
+    note_input(text)  # known before any output is written, so none lands on them
     from birdbone.evaluate.compare import EvalConfig, evaluate
 
     run = run_structure(model, run_dir, cfg, text, progress, usage)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from birdbone.io.errors import InputError
+from birdbone.io.inputs import note_folder_files, note_input
 from birdbone.synapse.model import SynapticGPT
 from birdbone.io.text import split_holdout
 from birdbone.synapse.train import TrainConfig, encode, load_tokenizer, load_weights, read_config, recall_text
@@ -38,6 +39,7 @@ class LoadedRun:
 def load_run(run: str | Path) -> LoadedRun:
     run = Path(run)
     cfg = read_config(run)
+    note_folder_files(run, own=("reliability.png",))  # the run is an input; its reliability plot is eval's own
     if not (run / "model.safetensors").exists():
         raise InputError(run, "has no checkpoint yet (model.safetensors)")
     model = SynapticGPT(cfg.model)
@@ -278,6 +280,7 @@ class RunEvaluation:
 def eval_run(run_dir: str | Path, text: str | Path | None = None, windows_limit: int = 32, trials: int = 5,
              plot: str | Path | None = None) -> RunEvaluation:
     """:func:`evaluate_run`, plus the reliability diagram (default: RUN/reliability.png)."""
+    note_input(text)  # known before any output is written, so none lands on them
     report = evaluate_run(run_dir, text, windows_limit, trials)
     report["plot"] = str(reliability_plot(report, plot or Path(run_dir) / "reliability.png"))
     return RunEvaluation(report)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from birdbone.io.inputs import note_input
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.synapse.config import TrainConfig
@@ -350,12 +351,15 @@ def enable(run: str | Path, out: str | Path, sets: list[str]) -> dict:
 
     from birdbone.io.config import config_dict, config_from_dict
 
+    from birdbone.io.atomic import atomic_folder, check_output_folder
+
     run, out = Path(run), Path(out)
     cfg = read_config(run)
     if not (run / "model.safetensors").exists():
         raise InputError(run, "has no checkpoint to enable")
     if out.exists():
         raise InputError(out, "exists; enable writes a new run folder")
+    check_output_folder(out, [run])
     data = config_dict(cfg)
     for item in sets:
         key, _, value = item.partition("=")
@@ -372,17 +376,15 @@ def enable(run: str | Path, out: str | Path, sets: list[str]) -> dict:
     model.neutralize_new(set(missing))
     from birdbone.io.run_folder import RunFolder
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     text = json.loads((run / "config.json").read_text())["text"]
-    RunFolder.open(tmp, "synapse", identity(new_cfg, text["sha256"]), {"step": 0})  # train -o OUT resumes it as its own
-    shutil.copy2(run / "tokenizer.json", tmp / "tokenizer.json")
-    (tmp / "config.json").write_text(json.dumps({"train": config_dict(new_cfg), "text": text, "enabled_from": str(run)}, indent=1) + "\n")
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight" or not new_cfg.model.tie_embeddings},
-              str(tmp / "model.safetensors"))
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        RunFolder.open(tmp, "synapse", identity(new_cfg, text["sha256"]), {"step": 0})  # train -o OUT resumes it as its own
+        shutil.copy2(run / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "config.json").write_text(json.dumps({"train": config_dict(new_cfg), "text": text, "enabled_from": str(run)}, indent=1) + "\n")
+        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight" or not new_cfg.model.tie_embeddings},
+                  str(tmp / "model.safetensors"))
     return {"out": str(out), "new_parameters": sorted(missing)}
 
 
@@ -407,6 +409,7 @@ class TrainResult:
 def train_run(out: str | Path, text: str | Path | None = None, config: str | Path | None = None, sets: list[str] | tuple[str, ...] = (),
               progress: Progress | None = None) -> TrainResult:
     """Train (or resume) a run: an existing run goes on with its own config unless a config or ``--set`` is given."""
+    note_input(text, config)  # known before any output is written, so none lands on them
     from birdbone.io.config import load_config
 
     out = Path(out)

@@ -1,0 +1,159 @@
+"""What a command reads: only regular files, documents of a bounded size, and every input noted,
+so that no output of the same command can land on it.
+
+Readers of a user's files (models, imatrix, text, plans, configs and recipes, organ and run
+folders) call :func:`note_input`; :func:`landing_on_input` is asked by every writer
+(:func:`birdbone.io.atomic.check_output` before the work starts, the atomic commit before the
+rename). What the process wrote itself is not an input when read back (quantize reads its own
+output; a notebook may rewrite a file it made and scored). The record is per process, or per
+:func:`input_scope` (a server runs each job in one, tests run each test in one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from birdbone.io.errors import InputError
+
+# JSON/YAML documents (configs, manifests, plans, recipes, indexes, run state) are small; a
+# bigger one is a mistake or an attack, and reading it whole would cost the machine's memory.
+MAX_DOCUMENT_BYTES = 64 * 2**20
+
+
+class _Noted:
+    def __init__(self) -> None:
+        self.paths: set[Path] = set()  # resolved file paths
+        self.inodes: set[tuple[int, int]] = set()  # (device, inode): hard links and other spellings
+        self.folders: set[Path] = set()  # folders read as a whole: nothing may be written inside
+        self.written: set[Path] = set()  # what this process made: its own, never protected from it
+
+
+_PROCESS = _Noted()
+_SCOPE: contextvars.ContextVar[_Noted | None] = contextvars.ContextVar("birdbone_inputs", default=None)
+
+
+def _noted() -> _Noted:
+    return _SCOPE.get() or _PROCESS
+
+
+@contextlib.contextmanager
+def input_scope() -> Iterator[None]:
+    """A fresh record of inputs for one job in a long-lived process."""
+    token = _SCOPE.set(_Noted())
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def note_input(*paths: str | os.PathLike | None, folder: bool = False) -> None:
+    """Record files this command reads (or, with ``folder``, a folder none of whose contents may be written)."""
+    noted = _noted()
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        with contextlib.suppress(OSError, ValueError):
+            st = p.stat()
+            if p.resolve() in noted.written:
+                continue
+            if folder or stat.S_ISDIR(st.st_mode):
+                noted.folders.add(p.resolve())
+            else:
+                noted.paths.add(p.resolve())
+                noted.inodes.add((st.st_dev, st.st_ino))
+
+
+def note_folder_files(folder: str | os.PathLike, own: tuple[str, ...] = ()) -> None:
+    """Record every file below ``folder`` but the names in ``own`` (the verb's default outputs there)."""
+    root = Path(folder)
+    with contextlib.suppress(OSError):
+        note_input(*(p for p in root.rglob("*") if p.is_file() and str(p.relative_to(root)) not in own))
+
+
+def note_written(out: str | os.PathLike) -> None:
+    """Record a file or folder this process has just committed."""
+    with contextlib.suppress(OSError, ValueError):
+        _noted().written.add(Path(out).resolve())
+
+
+def landing_on_input(out: str | os.PathLike, inputs: list | tuple = ()) -> str | None:
+    """Why writing ``out`` would destroy an input (noted, or one of ``inputs``), or None when it would not."""
+    out = Path(out)
+    try:
+        target = out.resolve()
+        st = out.stat()
+        inode = (st.st_dev, st.st_ino)
+    except FileNotFoundError:
+        inode = None
+    except (OSError, ValueError):
+        return None  # checked as a path by the writer
+    noted = _noted()
+    extra = _Noted()
+    for p in inputs:
+        if p is not None:
+            with contextlib.suppress(OSError, ValueError):
+                q = Path(p)
+                st_in = q.stat()
+                (extra.folders if stat.S_ISDIR(st_in.st_mode) else extra.paths).add(q.resolve())
+                extra.inodes.add((st_in.st_dev, st_in.st_ino))
+    for rec in (noted, extra):
+        if target in rec.paths or (inode is not None and inode in rec.inodes):
+            return "output path is the same file as an input; refusing to overwrite it"
+        for folder in rec.folders:
+            if target == folder or folder in target.parents:
+                return f"output path lies inside the input folder {folder}; refusing to write into it"
+    return None
+
+
+def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` if it is a regular file (symlinks followed); a one-line error for anything else."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except ValueError:
+        raise InputError(repr(str(p)), "path holds a NUL byte") from None
+    except FileNotFoundError:
+        raise InputError(p, f"no such {what}") from None
+    except OSError as e:
+        raise InputError(p, f"cannot be read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(p, f"is a folder, expected a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(p, f"is not a regular file (a FIFO, device or socket); refusing to read it as a {what}")
+    return p
+
+
+def read_document(path: str | os.PathLike, what: str = "file", limit: int = MAX_DOCUMENT_BYTES) -> str:
+    """A small text document (JSON, YAML), size-bounded and UTF-8 checked."""
+    p = regular_file(path, what)
+    with open(p, "rb") as fh:
+        data = fh.read(limit + 1)  # bounded even if the file grows while we read
+    if len(data) > limit:
+        raise InputError(p, f"is larger than {limit // 2**20} MiB, too big for a {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(p, f"is not UTF-8 text (byte {e.start})") from None
+
+
+def parse_json(text: str, where: str | os.PathLike, what: str = "JSON") -> Any:
+    """JSON text, with one-line errors for bad syntax and for nesting too deep to parse."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(where, f"invalid {what}: {e}") from None
+    except RecursionError:
+        raise InputError(where, f"invalid {what}: nested too deep") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """A JSON document from disk: a regular file, bounded in size and depth; one-line errors."""
+    return parse_json(read_document(path, what), path, what)
