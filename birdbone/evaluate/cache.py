@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from birdbone.io.inputs import read_json
 from birdbone.io.atomic import atomic_path, clean_stale_temps, write_text_atomic
 from birdbone.io.hashing import user_cache_dir
 
@@ -33,7 +34,7 @@ class LogprobStore:
         return self.meta.exists() and self.data.exists()
 
     def read(self) -> Iterator[np.ndarray]:
-        info = json.loads(self.meta.read_text())
+        info = read_json(self.meta)
         rows, vocab = info["rows_per_chunk"], info["n_vocab"]
         mm = np.memmap(self.data, dtype=np.float32, mode="r", shape=(info["n_chunks"], rows, vocab))
         for i in range(info["n_chunks"]):

@@ -10,15 +10,18 @@ plain data for a run folder's ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from birdbone.io.errors import BirdboneError, InputError
-from birdbone.io.inputs import note_input, read_document
+from birdbone.io.errors import BirdboneError, InputError, shown
+from birdbone.io.inputs import note_input, read_yaml
 
 T = TypeVar("T")
+# a config value is a name, a path or a short description, never a document
+MAX_TEXT = 4096
 
 
 class ConfigError(BirdboneError):
@@ -51,7 +54,7 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise BirdboneError(f"{where}: expected a list, got {value!r}")
+            raise BirdboneError(f"{where}: expected a list, got {shown(value)}")
         item = args[0] if args else str
         return tuple(_coerce(v, item, where) for v in value)
     if kind is bool:
@@ -59,21 +62,26 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
-        raise BirdboneError(f"{where}: expected true or false, got {value!r}")
+        raise BirdboneError(f"{where}: expected true or false, got {shown(value)}")
     if kind is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
-            raise BirdboneError(f"{where}: expected an integer, got {value!r}")
+            raise BirdboneError(f"{where}: expected an integer, got {shown(value)}")
         return int(value)
     if kind is float:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise BirdboneError(f"{where}: expected a number, got {value!r}") from None
+            raise BirdboneError(f"{where}: expected a number, got {shown(value)}") from None
+        if not math.isfinite(number):
+            raise BirdboneError(f"{where}: expected a finite number, got {shown(value)}")
+        return number
     if kind is str:
         if isinstance(value, (dict, list)):
-            raise BirdboneError(f"{where}: expected text, got {value!r}")
+            raise BirdboneError(f"{where}: expected text, got {shown(value)}")
+        if len(str(value)) > MAX_TEXT:
+            raise BirdboneError(f"{where}: text of {len(str(value)):,} characters; a config value holds at most {MAX_TEXT:,}")
         return str(value)
     return value
 
@@ -81,6 +89,9 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
 def _build(cls: type[T], data: dict, keys: tuple[str, ...] = ()) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{_where(keys)}: expected a mapping of keys to values", keys)
+    odd = next((k for k in data if not isinstance(k, str)), None)
+    if odd is not None:
+        raise ConfigError(f"{_where(keys) or cls.__name__}: config keys are names, not {shown(odd)}", keys)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -113,7 +124,7 @@ def _position(path: Path, keys: tuple[str, ...]) -> str:
     import yaml
 
     try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError:
         return ""
     mark = None
@@ -141,16 +152,9 @@ def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | 
     """``cls`` from the YAML at ``path`` (if any), then ``key=value`` overrides, checked."""
     data: dict = {}
     if path is not None:
-        import yaml
-
         path = Path(path)
         note_input(path)
-        try:
-            data = yaml.safe_load(read_document(path, "config file")) or {}
-        except yaml.YAMLError as e:
-            raise InputError(path, f"not valid YAML ({' '.join(str(e).split())})") from None
-        except RecursionError:
-            raise InputError(path, "not valid YAML (nested too deep)") from None
+        data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise InputError(path, "a config file must be a mapping of keys to values")
     overridden: set[str] = set()

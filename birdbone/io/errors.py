@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import reprlib
+from typing import Any
 
 
 class BirdboneError(Exception):
@@ -18,3 +20,11 @@ class InputError(BirdboneError):
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as an error message may show it: a bounded repr, cut to ``limit`` characters."""
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlevel = limit, limit, 3
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -26,6 +26,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from birdbone.io.errors import InputError
+from birdbone.io.inputs import regular_file
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -171,13 +172,9 @@ class GGUFFile:
     """One GGUF file, memory-mapped and parsed lazily. Use as a context manager or ``close()``."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = regular_file(path, "GGUF file")  # a FIFO or a device would block or never end
         try:
             self._fh = open(self.path, "rb")
-        except FileNotFoundError:
-            raise InputError(self.path, "no such file") from None
-        except IsADirectoryError:
-            raise InputError(self.path, "is a folder, expected a GGUF file") from None
         except OSError as e:
             raise InputError(self.path, f"cannot open: {e.strerror}") from None
         size = os.fstat(self._fh.fileno()).st_size

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from birdbone.io.errors import InputError
+from birdbone.io.errors import InputError, shown
 
 # JSON/YAML documents (configs, manifests, plans, recipes, indexes, run state) are small; a
 # bigger one is a mistake or an attack, and reading it whole would cost the machine's memory.
@@ -135,7 +135,7 @@ def read_document(path: str | os.PathLike, what: str = "file", limit: int = MAX_
     """A small text document (JSON, YAML), size-bounded and UTF-8 checked."""
     p = regular_file(path, what)
     with open(p, "rb") as fh:
-        data = fh.read(limit + 1)  # bounded even if the file grows while we read
+        data = fh.read(min(os.fstat(fh.fileno()).st_size, limit) + 1)  # bounded even if the file grows while we read
     if len(data) > limit:
         raise InputError(p, f"is larger than {limit // 2**20} MiB, too big for a {what}")
     try:
@@ -157,3 +157,63 @@ def parse_json(text: str, where: str | os.PathLike, what: str = "JSON") -> Any:
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """A JSON document from disk: a regular file, bounded in size and depth; one-line errors."""
     return parse_json(read_document(path, what), path, what)
+
+
+# A config expands YAML aliases into this many values at most: anchors that refer to anchors
+# (a "billion laughs") build an exponential structure from a few hundred bytes.
+MAX_YAML_VALUES = 100_000
+# configs and recipes are written by hand: a megabyte is already absurd
+MAX_YAML_BYTES = 2**20
+
+
+def parse_yaml(text: str, where: str | os.PathLike, what: str = "YAML") -> Any:
+    """YAML text (safe types only) with one-line errors: bad syntax, duplicate keys, nesting too
+    deep, and aliases that expand to more than :data:`MAX_YAML_VALUES` values."""
+    import yaml
+
+    class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's scanner: a long scalar takes ms, not minutes
+        pass
+
+    def mapping(loader, node):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise InputError(where, f"invalid {what}: key {shown(key)} appears twice (line {seen[key] + 1} and "
+                                            f"{key_node.start_mark.line + 1})")
+            except TypeError:
+                raise InputError(where, f"invalid {what}: a key must be text or a number, not {shown(key)}") from None
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep=True)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise InputError(where, f"invalid {what} ({' '.join(str(e).split())[:300]})") from None
+    except RecursionError:
+        raise InputError(where, f"invalid {what}: nested too deep") from None
+    _count_values(data, where, what)
+    return data
+
+
+def _count_values(data: Any, where, what: str) -> None:
+    """Walk ``data`` as it would print (shared values counted each time), stopping at the limit."""
+    left = MAX_YAML_VALUES
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        left -= 1
+        if left < 0:
+            raise InputError(where, f"invalid {what}: expands to more than {MAX_YAML_VALUES:,} values (YAML aliases?)")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file", limit: int = MAX_YAML_BYTES) -> Any:
+    return parse_yaml(read_document(path, what, limit), path, what)
+

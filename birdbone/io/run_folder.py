@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from birdbone.io.inputs import read_json
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.errors import InputError
 
@@ -86,7 +87,7 @@ class RunFolder:
                 was = saved.get("code", {})
                 raise StaleRun(path, f"this run was made by other birdbone code (version {was.get('version')}, source "
                                      f"{str(was.get('source_sha256'))[:12]}) and may not resume to the same bytes; use a new run folder")
-            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8")) if (path / STATE_FILE).exists() else dict(initial_state or {})
+            state = read_json(path / STATE_FILE) if (path / STATE_FILE).exists() else dict(initial_state or {})
             return cls(path, kind, identity, state, created=False)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             older = " (made by an earlier birdbone)" if (path / STATE_FILE).exists() or (path / "config.json").exists() else ""
@@ -114,12 +115,12 @@ class RunFolder:
 def read_run(path: str | Path) -> dict:
     """The ``run.json`` of a run folder (kind, identity, code); a one-line error when there is none."""
     path = Path(path)
-    try:
-        return json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "not a birdbone run folder (no run.json)") from None
-    except json.JSONDecodeError as e:
-        raise InputError(path / RUN_FILE, f"is not valid JSON ({e})") from None
+    if not (path / RUN_FILE).exists():
+        raise InputError(path, "not a birdbone run folder (no run.json)")
+    run = read_json(path / RUN_FILE, "run.json")
+    if not isinstance(run, dict):
+        raise InputError(path / RUN_FILE, "is not a run record (a JSON object)")
+    return run
 
 
 def run_kind(path: str | Path) -> str | None:

@@ -7,7 +7,7 @@ checkpoints are refused: loading them would run arbitrary code).
 
 from __future__ import annotations
 
-import json
+import os
 import mmap
 import struct
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from birdbone.io.errors import InputError
-from birdbone.io.inputs import note_input, read_json
+from birdbone.io.inputs import note_input, parse_json, read_json, regular_file
 from birdbone.io.model_file import ModelFile, TensorInfo
 
 _DTYPES = {
@@ -28,12 +28,9 @@ MAX_HEADER = 100 * 2**20
 
 class _SafetensorsShard:
     def __init__(self, path: Path):
-        self.path = path
-        try:
-            self._fh = open(path, "rb")
-        except FileNotFoundError:
-            raise InputError(path, "no such file") from None
-        size = path.stat().st_size
+        self.path = regular_file(path, "safetensors file")
+        self._fh = open(path, "rb")
+        size = os.fstat(self._fh.fileno()).st_size
         if size < 8:
             self._fh.close()
             raise InputError(path, "not a safetensors file: too short")
@@ -42,10 +39,13 @@ class _SafetensorsShard:
             self._fh.close()
             raise InputError(path, f"not a safetensors file: header claims {n} bytes")
         try:
-            header = json.loads(self._fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            header = parse_json(self._fh.read(n).decode("utf-8"), path, "safetensors header")
+        except UnicodeDecodeError as e:
             self._fh.close()
             raise InputError(path, f"corrupt safetensors header: {e}") from None
+        except InputError:
+            self._fh.close()
+            raise
         if not isinstance(header, dict):
             self._fh.close()
             raise InputError(path, "corrupt safetensors header: not a JSON object")

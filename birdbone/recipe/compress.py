@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from birdbone.io.inputs import read_json
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.errors import BirdboneError
 from birdbone.io.run_folder import RunFolder, sha256_text
@@ -140,7 +141,7 @@ def stage_profile(w: Work, step: Step) -> dict:
 
 def map_alpha(run: Path) -> dict[str, float | None]:
     """Per tensor α from the map stage's ``map.json``."""
-    return {t["name"]: t.get("alpha") for t in json.loads((run / "map.json").read_text())["tensors"]}
+    return {t["name"]: t.get("alpha") for t in read_json(run / "map.json")["tensors"]}
 
 
 def stage_structure(w: Work, step: Step) -> dict:
@@ -405,7 +406,7 @@ def execute(plan: CompressPlan, progress: Progress | None = None, threads: int |
     if "diff" not in w.state:
         w.rf.commit(diff=write_diff_bundle(w))
     write_provenance(w)
-    verify = json.loads((w.run / "verify.json").read_text()) if (w.run / "verify.json").exists() else None
+    verify = read_json(w.run / "verify.json") if (w.run / "verify.json").exists() else None
     seconds = dict(w.state.get("seconds", {}))
     report = {"out": str(plan.out), "run": str(plan.run), "recipe": plan.recipe.name, "stages": w.done, "diff": w.state["diff"],
               "verify": verify, "seconds": seconds}

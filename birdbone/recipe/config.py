@@ -20,6 +20,7 @@ from pathlib import Path
 
 from birdbone.io.config import config_dict, load_config
 from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.inputs import regular_file
 from birdbone.io.types import file_type
 from birdbone.measure.config import ProfileConfig
 from birdbone.remodel.budget import BudgetConfig
@@ -158,10 +159,10 @@ def recipe_path(name_or_path: str | Path | None) -> Path:
     if shipped.is_file() and not Path(name).suffix:
         return shipped
     path = Path(name)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise InputError(path, f"no such recipe file or shipped recipe (shipped: {known})")
-    return path
+    return regular_file(path, "recipe")
 
 
 def load_recipe(name_or_path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -16,10 +16,10 @@ remodelled ``NAME.gguf``, written by the first step that needs it).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from birdbone.io.inputs import read_json
 from birdbone.io.errors import InputError
 from birdbone.io.run_folder import RUN_FILE, STATE_FILE
 from birdbone.recipe.config import Recipe, check_out_path
@@ -135,8 +135,8 @@ def plan_steps(recipe: Recipe) -> tuple[Step, ...]:
 def finished_stages(run_dir: Path) -> tuple[str, ...]:
     """The stages an existing compress run folder has finished (read only; nothing checked or written)."""
     try:
-        return tuple(json.loads((run_dir / STATE_FILE).read_text(encoding="utf-8")).get("done", {}))
-    except (OSError, ValueError):
+        return tuple(read_json(run_dir / STATE_FILE).get("done", {}))
+    except (OSError, ValueError, AttributeError, InputError):
         return ()
 
 

@@ -50,7 +50,9 @@ def write_dvc_stage(folder: Path, model: str, recipe: Path, sets: list[str], tex
     path = folder / "dvc.yaml"
     data = {}
     if path.exists():
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        from birdbone.io.inputs import read_yaml
+
+        data = read_yaml(path, "dvc.yaml") or {}
         if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
             raise InputError(path, "is not a dvc.yaml with a 'stages' mapping; refusing to change it")
     model_file = resolve_model_path(model)

@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 
 from birdbone.anatomy.roles import classify
-from birdbone.io.inputs import note_input
+from birdbone.io.inputs import note_input, read_json
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.config import config_dict
 from birdbone.io.errors import BirdboneError, InputError
@@ -230,7 +230,7 @@ def _targets(run: Run, cfg: PruneConfig, m, names: list[str], alpha: dict[str, f
         alpha = {n: alpha.get(n) for n in names}
         dens = allocate_densities(alpha, {n: m.tensors[n].n_params for n in names}, cfg.target_density, cfg.allocation_spread)
         write_text_atomic(path, json.dumps({"allocation": cfg.allocation, "alpha": alpha, "target_density": dens}, indent=1) + "\n")
-    return json.loads(path.read_text())["target_density"]
+    return read_json(path)["target_density"]
 
 
 def reusable_usage(folder: Path | None, score: str) -> Path | None:
@@ -388,7 +388,7 @@ def export(run_dir: str | Path, out: str | Path, wave_k: int | None = None, out_
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise InputError(folder, "not a birdbone run folder (no config.json)")
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path)
     source = Path(config["source"]["path"])
     if not source.exists() or file_sha256(source) != config["source"]["sha256"]:
         raise InputError(source, "the run's source model is missing or has changed since the run started")
@@ -396,7 +396,7 @@ def export(run_dir: str | Path, out: str | Path, wave_k: int | None = None, out_
     with open_model(source) as m:
         names = prunable(m, tuple(config["prune"]["roles"]))
         history = DeltaHistory(folder / "history", {n: m.tensors[n].shape for n in names})
-        state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {"waves": 0}
+        state = read_json(folder / "state.json") if (folder / "state.json").exists() else {"waves": 0}
         k = state["waves"] if wave_k is None else wave_k
         if not 0 <= k <= state["waves"]:
             raise BirdboneError(f"wave {k}: this run has committed waves 0-{state['waves']}")

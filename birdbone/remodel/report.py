@@ -16,7 +16,7 @@ import numpy as np
 
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.errors import InputError
-from birdbone.io.inputs import note_folder_files
+from birdbone.io.inputs import note_folder_files, read_json
 from birdbone.measure.report import CSS, figure, html_table, png_base64
 
 
@@ -86,8 +86,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     note_folder_files(run_dir, own=("report.html",))  # the run is an input; its report.html is the report's own
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    state = json.loads((run_dir / "state.json").read_text(encoding="utf-8")) if (run_dir / "state.json").exists() else {}
+    config = read_json(run_dir / "config.json")
+    state = read_json(run_dir / "state.json") if (run_dir / "state.json").exists() else {}
     out = Path(out) if out else run_dir / "report.html"
     from birdbone.io.run_folder import run_kind
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from birdbone.io.inputs import note_input
+from birdbone.io.inputs import note_input, read_json
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.dims import Dims
 from birdbone.io.errors import BirdboneError
@@ -624,7 +624,7 @@ def _plan(run, prof, tokens: np.ndarray, dims: Dims, cfg: StructureConfig, progr
                 "final": keep.as_dict(), "removed": keep.removed(), "waves": [[u.key() for u in w] for w in waves],
                 "block_params_kept": block_params(keep) / sum(dims.layer_params(i) for i in range(dims.n_layer))}
         write_text_atomic(path, json.dumps(data) + "\n")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def export_structure(run_dir: str | Path, out: str | Path, wave_k: int | None = None, out_type: str = "F16",
@@ -645,11 +645,11 @@ def export_structure(run_dir: str | Path, out: str | Path, wave_k: int | None = 
     folder = Path(run_dir)
     if read_run(folder).get("kind") != "structure":
         raise InputError(folder, "not a structure run folder")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json")
     source = Path(config["source"]["path"])
     if not source.exists() or file_sha256(source) != config["source"]["sha256"]:
         raise InputError(source, "the run's source model is missing or has changed since the run started")
-    state = json.loads((folder / "state.json").read_text())
+    state = read_json(folder / "state.json")
     k = state["waves"] if wave_k is None else wave_k
     if not 0 <= k <= state["waves"]:
         raise BirdboneError(f"wave {k}: this run has committed waves 0-{state['waves']}")

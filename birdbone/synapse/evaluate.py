@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from birdbone.io.errors import InputError
-from birdbone.io.inputs import note_folder_files, note_input
+from birdbone.io.inputs import note_folder_files, note_input, read_json
 from birdbone.synapse.model import SynapticGPT
 from birdbone.io.text import split_holdout
 from birdbone.synapse.train import TrainConfig, encode, load_tokenizer, load_weights, read_config, recall_text
@@ -44,7 +44,7 @@ def load_run(run: str | Path) -> LoadedRun:
         raise InputError(run, "has no checkpoint yet (model.safetensors)")
     model = SynapticGPT(cfg.model)
     load_weights(run, model)
-    return LoadedRun(run, cfg, model.eval(), load_tokenizer(run), json.loads((run / "config.json").read_text())["text"]["name"])
+    return LoadedRun(run, cfg, model.eval(), load_tokenizer(run), read_json(run / "config.json")["text"]["name"])
 
 
 def weights_hash(model: SynapticGPT) -> str:
@@ -178,7 +178,7 @@ def moe_summary(run: LoadedRun, dead_share_of_fair: float = 0.1) -> dict:
     counts = {kind: sum(e["event"] == kind for e in events) for kind in ("split", "split rejected", "merge")}
     layers = run.model.expert_layers()
     loads = [layer.load.tolist() for layer in layers]
-    steps = json.loads((run.path / "state.json").read_text())["step"] if (run.path / "state.json").exists() else 0
+    steps = read_json(run.path / "state.json")["step"] if (run.path / "state.json").exists() else 0
     rounds = len(layers) * (steps // run.cfg.model.splitmerge_every)
     return {"experts": [layer.experts for layer in layers], **counts,
             "load_gini": float(np.mean([gini(v) for v in loads])) if loads else None,
@@ -192,7 +192,7 @@ def training_text(run: LoadedRun) -> tuple[str, str]:
     """The text the run was trained on, found where config.json says and checked by its sha256."""
     from birdbone.io.text import load_text
 
-    record = json.loads((run.path / "config.json").read_text())["text"]
+    record = read_json(run.path / "config.json")["text"]
     where = None if record["name"].startswith("builtin:") else Path(record["name"])
     if where is not None and not where.exists():
         raise InputError(run.path, f"its training text {where} is gone: pass --text FILE to score another text")

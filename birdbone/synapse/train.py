@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from birdbone.io.inputs import note_input
+from birdbone.io.inputs import note_input, read_json
 from birdbone.io.atomic import write_text_atomic
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.synapse.config import TrainConfig
@@ -152,7 +152,7 @@ def load_optimizer(run: Path, opt: torch.optim.Optimizer) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(run / "optimizer.safetensors"))
-    scalars = json.loads((run / "optimizer.json").read_text())
+    scalars = read_json(run / "optimizer.json")
     state = {int(i): dict(s) for i, s in scalars["state"].items()}
     for key, v in tensors.items():
         i, k = key.split(".", 1)
@@ -166,7 +166,7 @@ def read_config(run: Path) -> TrainConfig:
     path = run / "config.json"
     if not path.exists():
         raise InputError(run, "not a synapse run folder (no config.json)")
-    return config_from_dict(TrainConfig, json.loads(path.read_text())["train"], str(path))
+    return config_from_dict(TrainConfig, read_json(path)["train"], str(path))
 
 
 # -- the loop -------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def train(run: str | Path, text_path: str | Path | None, cfg: TrainConfig, progr
                                                      f"one window needs {cfg.seq + 2}")
     torch.manual_seed(cfg.seed)
     model = SynapticGPT(cfg.model)
-    step = json.loads((run / "state.json").read_text())["step"]
+    step = read_json(run / "state.json")["step"]
     resume = step > 0
     if (run / "model.safetensors").exists():  # a resume, or a warm start (synapse enable: optimizer fresh)
         load_weights(run, model)
@@ -376,7 +376,7 @@ def enable(run: str | Path, out: str | Path, sets: list[str]) -> dict:
     model.neutralize_new(set(missing))
     from birdbone.io.run_folder import RunFolder
 
-    text = json.loads((run / "config.json").read_text())["text"]
+    text = read_json(run / "config.json")["text"]
     from safetensors.torch import save_file
 
     with atomic_folder(out) as tmp:

@@ -1,0 +1,149 @@
+"""Inputs made to hurt: special files, documents nested or expanded past reason, values no config
+holds. Each is a one-line :class:`InputError` naming the file, before any real work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+
+import pytest
+
+from birdbone.io.errors import BirdboneError, InputError
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+# nine anchors, each nine times the one before: 369 bytes that expand to 9**9 strings
+ALIAS_BOMB = 'name: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"x{i}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)) + "description: *i\n"
+
+
+def one_line(e: BaseException) -> str:
+    assert isinstance(e, BirdboneError) and "\n" not in str(e), repr(e)
+    return str(e)
+
+
+def refused(call, *needles: str) -> str:
+    """``call()`` must raise a one-line BirdboneError holding every needle, and within 30 s (a hang fails)."""
+    box: dict = {}
+
+    def run():
+        try:
+            call()
+            box["error"] = AssertionError("accepted")
+        except BaseException as e:  # noqa: BLE001 - judged below
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "hung"
+    msg = one_line(box["error"])
+    assert all(n in msg for n in needles), msg
+    return msg
+
+
+@pytest.fixture
+def organs(tiny, tmp_path):
+    from birdbone.anatomy.dissect import dissect
+
+    dissect(tiny.gguf_f16, tmp_path / "organs")
+    return tmp_path / "organs"
+
+
+def readers(tiny, tmp_path):
+    """(name, file a reader opens, the call) for every reader of a small document or a weights file."""
+    from birdbone.anatomy.manifest import load_manifest
+    from birdbone.io.model_file import open_model
+    from birdbone.io.run_folder import read_run
+    from birdbone.recipe.config import load_recipe
+    from birdbone.remodel.plan import read_plan
+
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny.hf_dir, hf)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "organs").mkdir()
+    return {
+        "config.json": (hf / "config.json", lambda: open_model(hf).close()),
+        "model.safetensors": (hf / "model.safetensors", lambda: open_model(hf).close()),
+        "GGUF": (tmp_path / "m.gguf", lambda: open_model(tmp_path / "m.gguf").close()),
+        "manifest.json": (tmp_path / "organs" / "manifest.json", lambda: load_manifest(tmp_path / "organs")),
+        "plan.json": (tmp_path / "plan.json", lambda: read_plan(tmp_path / "plan.json")),
+        "recipe": (tmp_path / "r.yaml", lambda: load_recipe(tmp_path / "r.yaml")),
+        "run.json": (tmp_path / "run" / "run.json", lambda: read_run(tmp_path / "run")),
+    }
+
+
+@pytest.mark.parametrize("reader", ["config.json", "model.safetensors", "GGUF", "manifest.json", "plan.json", "recipe", "run.json"])
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "folder"])
+def test_a_special_file_is_refused_not_read(tiny, tmp_path, reader, kind):
+    path, call = readers(tiny, tmp_path)[reader]
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    refused(call, str(path), "folder" if kind == "folder" else "not a regular file")
+
+
+@pytest.mark.parametrize("reader", ["config.json", "manifest.json", "plan.json", "run.json"])
+def test_json_nested_too_deep_is_a_clean_error(tiny, tmp_path, reader):
+    path, call = readers(tiny, tmp_path)[reader]
+    path.write_text(DEEP_JSON)
+    refused(call, str(path), "nested too deep")
+
+
+def test_a_safetensors_header_nested_too_deep(tmp_path):
+    from birdbone.io.model_file import open_model
+
+    header = DEEP_JSON.encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    refused(lambda: open_model(path), str(path), "nested too deep")
+
+
+@pytest.mark.parametrize("text, needle", [
+    (ALIAS_BOMB, "expands to more than"),
+    ("name: a\nname: b\n", "appears twice"),
+    ("name: a\n1: b\n", "keys are names"),
+    ("name: [" * 3000 + "]" * 3000 + "\n", "invalid config file"),
+    ("verify:\n  max_dppl_pct: .nan\n", "finite number"),
+    ("verify:\n  holdout: .inf\n", "finite number"),
+    ("name: " + "x" * 500_000 + "\n", "at most 4,096"),
+    ("name: " + "x" * (2**20 + 10) + "\n", "too big"),
+])
+def test_hostile_recipes(tmp_path, text, needle):
+    from birdbone.recipe.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    msg = refused(lambda: load_recipe(path), str(path), needle)
+    assert len(msg) < 400  # no expanded value is ever printed whole
+
+
+def test_recipe_not_utf8_and_set_values_are_checked(tmp_path):
+    from birdbone.recipe.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    refused(lambda: load_recipe(path), str(path), "not UTF-8")
+    refused(lambda: load_recipe("gentle", ["verify.holdout=nan"]), "finite number")
+
+
+def test_nul_byte_in_a_path():
+    from birdbone.io.atomic import check_output
+    from birdbone.io.model_file import open_model
+
+    refused(lambda: open_model("model\0.gguf"), "NUL byte")
+    refused(lambda: check_output("out\0.gguf"), "NUL byte")
+
+
+def test_a_plan_of_the_wrong_shape(tmp_path):
+    from birdbone.remodel.plan import read_plan
+
+    path = tmp_path / "plan.json"
+    for doc in ([], {"version": "x"}, {"types": []}):
+        path.write_text(json.dumps(doc))
+        refused(lambda: read_plan(path), str(path))
