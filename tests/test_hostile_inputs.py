@@ -147,3 +147,87 @@ def test_a_plan_of_the_wrong_shape(tmp_path):
     for doc in ([], {"version": "x"}, {"types": []}):
         path.write_text(json.dumps(doc))
         refused(lambda: read_plan(path), str(path))
+
+
+def _set(path: tuple, value):
+    def mutate(d):
+        node = d
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+    return mutate
+
+
+def _drop(path: tuple):
+    def mutate(d):
+        node = d
+        for k in path[:-1]:
+            node = node[k]
+        del node[path[-1]]
+    return mutate
+
+
+def _alignment_0(d):
+    found = [m for m in d["metadata"] if m["key"] == "general.alignment"]
+    if found:
+        found[0]["value"] = 0
+    else:
+        d["metadata"].append({"key": "general.alignment", "type": "UINT32", "item_type": None, "value": 0})
+
+
+MANIFEST_FORGERIES = {
+    "tensors not a list": _set(("tensors",), {}),
+    "metadata not a list": _set(("metadata",), "x"),
+    "gguf missing": _drop(("gguf",)),
+    "gguf version a string": _set(("gguf", "version"), "3"),
+    "gguf version 7": _set(("gguf", "version"), 7),
+    "tail huge": _set(("gguf", "tail"), 10**15),
+    "tail negative": _set(("gguf", "tail"), -1),
+    "metadata entry a list": _set(("metadata", 0), []),
+    "metadata key missing": _drop(("metadata", 0, "key")),
+    "metadata value missing": _drop(("metadata", 0, "value")),
+    "metadata value of the wrong type": _set(("metadata", 0, "value"), {"a": 1}),
+    "metadata type unknown": _set(("metadata", 0, "type"), "FLOAT128"),
+    "alignment 0": _alignment_0,
+    "tensor entry a string": _set(("tensors", 0), "x"),
+    "tensor name missing": _drop(("tensors", 0, "name")),
+    "tensor name a number": _set(("tensors", 0, "name"), 7),
+    "tensor name of 64 bytes": _set(("tensors", 0, "name"), "n" * 64),
+    "tensor type unknown": _set(("tensors", 0, "type"), "Q9_9"),
+    "ne floats": _set(("tensors", 0, "ne"), [64.0, 64.0]),
+    "ne negative": _set(("tensors", 0, "ne"), [-64, 64]),
+    "ne zero": _set(("tensors", 0, "ne"), [0, 64]),
+    "ne empty": _set(("tensors", 0, "ne"), []),
+    "ne of 2^63": _set(("tensors", 0, "ne"), [2**63, 1]),
+    "ne product wraps": _set(("tensors", 0, "ne"), [2**40, 2**40]),
+    "ne five dims": _set(("tensors", 0, "ne"), [1, 1, 1, 1, 1]),
+    "offset 2^40": _set(("tensors", 1, "offset"), 2**40),
+    "offset a string": _set(("tensors", 0, "offset"), "0"),
+    "file a number": _set(("tensors", 0, "file"), 3),
+    "file outside": _set(("tensors", 0, "file"), "../../etc/passwd"),
+}
+
+
+@pytest.mark.parametrize("forgery", MANIFEST_FORGERIES)
+def test_forged_manifests_are_one_line_errors(organs, tmp_path, forgery):
+    from birdbone.anatomy.assemble import assemble
+    from birdbone.anatomy.manifest import load_manifest
+
+    path = organs / "manifest.json"
+    data = json.loads(path.read_text())
+    MANIFEST_FORGERIES[forgery](data)
+    path.write_text(json.dumps(data))
+    refused(lambda: load_manifest(organs), str(path))
+    refused(lambda: assemble(organs, tmp_path / "out.gguf"))
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_a_manifest_bytes_field_is_not_trusted(organs, tmp_path):
+    """``bytes: 10**15`` once read as "not enough disk space"; the size comes from type and shape."""
+    from birdbone.anatomy.assemble import assemble
+
+    path = organs / "manifest.json"
+    data = json.loads(path.read_text())
+    data["tensors"][0]["bytes"] = 10**15
+    path.write_text(json.dumps(data))
+    assert assemble(organs, tmp_path / "out.gguf").outputs == [tmp_path / "out.gguf"]

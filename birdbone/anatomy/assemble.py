@@ -67,7 +67,7 @@ def assemble(organ_dir: str | Path, out: str | Path, accept_edits: bool = False,
     manifest = load_manifest(organ_dir)
     layout = manifest.layout()
     out = Path(out)
-    need = sum(t["bytes"] for t in manifest.tensors) + 2**20
+    need = sum(t.n_bytes for t in layout.tensors) + 2**20  # from type and shape, checked; not the manifest's word
     edited: list[str] = []
     chunks_of = _chunks(manifest, accept_edits, edited)
     if not split_max_size:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from birdbone.io.errors import InputError
+from birdbone.io.errors import InputError, shown
 from birdbone.io.inputs import note_input, regular_file
 from birdbone.io.gguf_reader import GGUFFile
 
@@ -93,7 +93,7 @@ def _read_legacy(path: Path) -> Imatrix:
         pos += n
         ncall, nval = take("<i", "ncall"), take("<i", "nval")
         if nval < 1 or pos + 4 * nval > len(data):
-            raise InputError(path, f"corrupt legacy imatrix: {nval} values for {name!r}")
+            raise InputError(path, f"corrupt legacy imatrix: {nval} values for {shown(name)}")
         vals = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
         pos += 4 * nval
         values[name] = vals / ncall if ncall > 0 else vals.copy()
