@@ -231,3 +231,33 @@ def test_a_manifest_bytes_field_is_not_trusted(organs, tmp_path):
     data["tensors"][0]["bytes"] = 10**15
     path.write_text(json.dumps(data))
     assert assemble(organs, tmp_path / "out.gguf").outputs == [tmp_path / "out.gguf"]
+
+
+@pytest.fixture(scope="module")
+def aborting(tiny, tmp_path_factory):
+    """The tiny model with llama.block_count 0, which llama.cpp's loader answers with GGML_ASSERT
+    (SIGABRT, the process gone); our reader accepts it, as a header it is well formed."""
+    from birdbone.io.gguf_layout import layout_of, write_layout
+    from birdbone.io.gguf_reader import GGUFFile
+
+    out = tmp_path_factory.mktemp("abort") / "layers0.gguf"
+    with GGUFFile(tiny.gguf_f16) as f:
+        layout = layout_of(f)
+        next(kv for kv in layout.kvs if kv.key == "llama.block_count").value = 0
+        write_layout(out, layout, lambda t: [bytes(f.buf[f.tensors[t.name].offset:][:f.tensors[t.name].n_bytes])])
+    return out
+
+
+@pytest.mark.parametrize("verb", [["quantize", "-o", "{tmp}/q.gguf", "--type", "Q8_0"], ["generate", "--prompt", "hi", "-n", "2"],
+                                  ["eval", "--tokens", "64", "--ctx", "32"], ["dissect-assemble"]])
+def test_a_file_llama_cpp_aborts_on_is_a_one_line_error(aborting, tmp_path, verb):
+    from tests.test_cli import birdbone
+
+    if verb == ["dissect-assemble"]:
+        birdbone("dissect", aborting, "-o", tmp_path / "organs")
+        p = birdbone("assemble", tmp_path / "organs", "-o", tmp_path / "a.gguf", check=False)
+    else:
+        p = birdbone(verb[0], aborting, *[a.format(tmp=tmp_path) for a in verb[1:]], check=False)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+    assert "llama.cpp aborts on this file" in lines[0] and "n_layer" in lines[0]

@@ -25,8 +25,10 @@ class Validation:
 
 
 def validate(path: str | Path, source: str | Path | None = None, n_tokens: int = 8, threads: int | None = None) -> Validation:
+    from birdbone.io.llama import probe_loadable
     from birdbone.io.runtime import LlamaRuntime
 
+    probe_loadable(path, force=True)  # its metadata may be a user's edit: an abort must not kill us
     with LlamaRuntime(path, n_ctx=128, threads=threads) as rt:
         prompt = rt.tokenize(PROBE)
         out = rt.greedy(prompt, n_tokens, stop_at_eog=False)

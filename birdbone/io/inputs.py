@@ -84,6 +84,14 @@ def note_written(out: str | os.PathLike) -> None:
         _noted().written.add(Path(out).resolve())
 
 
+def written_here(path: str | os.PathLike) -> bool:
+    """Whether this process (or scope) committed ``path`` itself."""
+    try:
+        return Path(path).resolve() in _noted().written
+    except (OSError, ValueError):
+        return False
+
+
 def landing_on_input(out: str | os.PathLike, inputs: list | tuple = ()) -> str | None:
     """Why writing ``out`` would destroy an input (noted, or one of ``inputs``), or None when it would not."""
     out = Path(out)

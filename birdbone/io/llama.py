@@ -142,3 +142,54 @@ def ggml():
     with _lock:
         _state["ggml"] = g
     return g
+
+
+# llama.cpp checks a model's hyper-parameters with GGML_ASSERT, which aborts the whole process
+# (block_count 0 or over 512, for one). Its loader is run first in a child that reads only the
+# header and vocabulary (``vocab_only``), so an abort there becomes a one-line error here.
+_PROBE = r"""
+import ctypes, sys
+import llama_cpp as L
+quiet = L.llama_log_callback(lambda level, text, user: None)  # kept referenced: llama.cpp calls it
+L.llama_log_set(quiet, ctypes.c_void_p(0))
+L.llama_backend_init()
+p = L.llama_model_default_params()
+p.use_mmap = True  # tensors mapped, not read: the header checks are what is probed
+m = L.llama_model_load_from_file(sys.argv[1].encode(), p)
+if m:
+    L.llama_model_free(m)
+sys.exit(0 if m else 3)
+"""
+_probed: dict[tuple, str | None] = {}
+
+
+def probe_loadable(path: str | Path, force: bool = False) -> None:
+    """Raise a one-line :class:`InputError` when llama.cpp would abort loading ``path`` (its
+    header fails an assertion); a file whose loader merely fails is left to the caller's own
+    error. Once per file version and process. A file this process wrote itself is trusted unless
+    ``force`` (its metadata came from a probed parent; the probe costs a child process, about
+    half a second); a file assembled from a user's manifest is not, so validation forces it."""
+    import os
+    import subprocess
+    import sys
+
+    from birdbone.io.errors import InputError
+
+    from birdbone.io.inputs import written_here
+
+    path = Path(path)
+    if written_here(path) and not force:
+        return
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _probed:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+        try:
+            p = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, timeout=300, env=env)
+        except subprocess.TimeoutExpired:
+            raise InputError(path, "llama.cpp did not finish reading this file's header in 300 s") from None
+        aborted = p.returncode < 0 or p.returncode == 134
+        found = [line.strip() for line in p.stderr.splitlines() if "GGML_ASSERT" in line or "error" in line.lower()]
+        _probed[key] = (found[0].split(": ", 1)[-1] if found else f"signal {-p.returncode}") if aborted else None
+    if _probed[key]:
+        raise InputError(path, f"llama.cpp aborts on this file: {_probed[key][:200]}")

@@ -23,7 +23,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from birdbone.io.atomic import atomic_path, check_output
 from birdbone.io.errors import BirdboneError, InputError
-from birdbone.io.llama import capture_log, ggml, lib
+from birdbone.io.llama import capture_log, ggml, lib, probe_loadable
 from birdbone.io.types import file_type, legal_type, tensor_type
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ def quantize_file(src: str | Path, out: str | Path | None, type_name: str = "Q4_
             raise BirdboneError("an output path is needed (-o/--out) unless --dry-run")
         check_output(out, [src], need_bytes=src_bytes * 2)
 
+    probe_loadable(src)
     llama_cpp = lib()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from birdbone.io.errors import BirdboneError, InputError
-from birdbone.io.llama import lib
+from birdbone.io.llama import lib, probe_loadable
 from birdbone.io.model_file import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class LlamaRuntime:
         self.path = resolve_model_path(model)
         if not self.path.exists():
             raise InputError(self.path, "no such file")
+        probe_loadable(self.path)
         mparams = L.llama_model_default_params()
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
