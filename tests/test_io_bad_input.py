@@ -273,9 +273,33 @@ def test_tensor_type_and_shape_lies(tiny, tmp_path):
     expect_input_error(_patched(tiny, tmp_path, "c.gguf", ndims_at, "<I", 7), "has 7 dimensions")
     expect_input_error(_patched(tiny, tmp_path, "d.gguf", ndims_at + 4, "<Q", 2**50), "claims shape")
     expect_input_error(_patched(tiny, tmp_path, "e.gguf", ndims_at + 4, "<Q", 2**30), "truncated GGUF: tensor")
-    expect_input_error(_patched(tiny, tmp_path, "f.gguf", type_at + 4, "<Q", 2**40), "truncated GGUF: tensor")
+    expect_input_error(_patched(tiny, tmp_path, "f.gguf", type_at + 4, "<Q", 2**40), "llama.cpp expects 0")
     # F32 -> Q4_K: 64 is not a multiple of the 256-wide block
     expect_input_error(_patched(tiny, tmp_path, "g.gguf", type_at, "<I", int(QT.Q4_K)), "not a multiple of the Q4_K block")
+
+
+@pytest.mark.parametrize("tis, data, needle", [
+    ([ti("a", (8,), QT.F32, 0), ti("b", (8,), QT.F32, 0)], 64, "'b' has data offset 0, llama.cpp expects 32"),  # overlap
+    ([ti("a", (8,), QT.F32, 0), ti("b", (8,), QT.F32, 36)], 96, "'b' has data offset 36"),  # unaligned
+    ([ti("a", (8,), QT.F32, 32), ti("b", (8,), QT.F32, 0)], 64, "'a' has data offset 32"),  # out of order
+    ([ti("a", (8,), QT.F32, 0), ti("b", (8,), QT.F32, 64)], 96, "'b' has data offset 64"),  # a gap
+    ([ti("n" * 64, (8,), QT.F32, 0)], 32, "64 bytes or longer"),
+    ([ti("z", (8, 0), QT.F32, 0)], 32, "claims shape"),
+])
+def test_gguf_reader_keeps_llama_cpps_rules(tmp_path, tis, data, needle):
+    """What llama.cpp refuses at load is refused at open (a dissection of it would not reassemble)."""
+    expect_input_error(write(tmp_path, "x.gguf", gguf_bytes([ARCH], tis, b"\0" * data)), needle)
+
+
+def test_a_gguf_of_63_byte_names_and_plain_number_types_opens(tmp_path):
+    tis = [ti("n" * 63, (8,), QT.F32, 0), ti("i", (8,), QT.I32, 32), ti("d", (8,), QT.F64, 64), ti("q", (32,), QT.Q8_1, 128)]
+    # 32 + 32 + 64 bytes packed at 0, 32, 64; one Q8_1 block (40 bytes) at 128
+    data = np.ones(8, np.float32).tobytes() + np.arange(8, dtype=np.int32).tobytes() + np.full(8, -2.5).tobytes() + b"\0" * 40
+    with open_model(write(tmp_path, "x.gguf", gguf_bytes([ARCH], tis, data))) as m:
+        np.testing.assert_array_equal(m.tensor("i"), np.arange(8, dtype=np.float32))
+        np.testing.assert_array_equal(m.tensor("d"), np.full(8, -2.5, np.float32))
+        with pytest.raises(InputError, match="Q8_1 cannot be read as numbers"):
+            m.tensor("q")
 
 
 @pytest.mark.parametrize("case,needle", [

@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf.quants import dequantize
 
 from birdbone.anatomy.manifest import MANIFEST, load_manifest
 from birdbone.io.errors import InputError
 from birdbone.io.gguf_layout import CHUNK, KV, Layout, TensorEntry, layout_of, write_layout
-from birdbone.io.gguf_reader import GGUFFile
+from birdbone.io.gguf_reader import GGUFFile, to_float32
 from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import resolve_model_path
 
@@ -76,7 +75,7 @@ class Body:
 def decode(raw: np.ndarray | bytes, entry: TensorEntry) -> np.ndarray:
     """Stored bytes of ``entry`` -> float32 array in numpy order."""
     raw = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, bytes) else raw
-    return np.asarray(dequantize(raw, entry.type), dtype=np.float32).reshape(tuple(reversed(entry.ne)))
+    return to_float32(raw, entry.type, entry.ne, entry.name)
 
 
 def copy_layout(layout: Layout) -> Layout:

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.quants import dequantize
 
 from birdbone.io.errors import InputError
-from birdbone.io.gguf_reader import GGUFFile, split_paths
+from birdbone.io.gguf_reader import GGUFFile, split_paths, to_float32
 from birdbone.io.model_file import ModelFile, TensorInfo
 
 
@@ -43,8 +42,7 @@ class _GGUFBackend:
 
     def tensor(self, name: str) -> np.ndarray:
         shard, t = self.by_name[name]
-        arr = dequantize(shard.raw(name), t.type)
-        return np.asarray(arr, dtype=np.float32).reshape(tuple(reversed(t.ne)))
+        return to_float32(shard.raw(name), t.type, t.ne, shard.path)
 
     def close(self) -> None:
         for s in self.shards:

@@ -25,12 +25,16 @@ from typing import Any, Iterator
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from birdbone.io.errors import InputError
+from birdbone.io.errors import InputError, shown
 from birdbone.io.inputs import regular_file
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64  # llama.cpp refuses a tensor name this long or longer (the NUL included)
+# stored as plain numbers: numpy reads them; gguf-py's dequantize does not
+_PLAIN = {GGMLQuantizationType.I8: np.int8, GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+          GGMLQuantizationType.I64: np.int64, GGMLQuantizationType.F64: np.float64}
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
@@ -160,6 +164,22 @@ def _read_value(cur: _Cursor, vtype: GGUFValueType, key: str) -> tuple[Any, GGUF
     return LazyArray(cur.buf, item_type, count, start), item_type
 
 
+def to_float32(raw: np.ndarray, qtype: GGMLQuantizationType, ne: tuple[int, ...], where: str | os.PathLike) -> np.ndarray:
+    """A tensor's stored bytes as float32 in numpy order; a one-line error for a type no
+    dequantizer knows (Q8_1 and Q8_K live only inside llama.cpp's kernels)."""
+    from gguf.quants import dequantize
+
+    if qtype in _PLAIN:
+        arr = raw.view(_PLAIN[qtype])
+    else:
+        try:
+            arr = dequantize(raw, qtype)
+        except NotImplementedError:
+            raise InputError(where, f"tensor type {qtype.name} cannot be read as numbers (no dequantizer; llama.cpp uses it only "
+                                    "inside its kernels)") from None
+    return np.asarray(arr, dtype=np.float32).reshape(tuple(reversed(ne)))
+
+
 def tensor_nbytes(qtype: GGMLQuantizationType, ne: tuple[int, ...]) -> int:
     block, type_size = GGML_QUANT_SIZES[qtype]
     n = 1
@@ -219,6 +239,8 @@ class GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = cur.string("tensor name")
+            if len(name.encode("utf-8", errors="surrogateescape")) >= GGML_MAX_NAME:
+                raise InputError(self.path, f"corrupt GGUF: tensor name {shown(name)} is {GGML_MAX_NAME} bytes or longer (llama.cpp refuses it)")
             n_dims = cur.unpack("<I", f"dims of {name!r}")
             if not 1 <= n_dims <= GGML_MAX_DIMS:
                 raise InputError(self.path, f"corrupt GGUF: tensor {name!r} has {n_dims} dimensions")
@@ -238,12 +260,17 @@ class GGUFFile:
         pad = (-cur.pos) % self.alignment
         self.data_offset = cur.pos + pad
         self.tensors: dict[str, GGUFTensor] = {}
+        expected = 0  # llama.cpp's rule: tensors packed in info order, each padded to the alignment
         for name, ne, qtype, offset in infos:
             if name in self.tensors:
                 raise InputError(self.path, f"corrupt GGUF: duplicate tensor name {name!r}")
-            if any(d > 2**40 for d in ne):
+            if any(d > 2**40 for d in ne) or any(d == 0 for d in ne):
                 raise InputError(self.path, f"corrupt GGUF: tensor {name!r} claims shape {ne}")
             n_bytes = tensor_nbytes(qtype, ne)
+            if offset != expected:
+                raise InputError(self.path, f"corrupt GGUF: tensor {name!r} has data offset {offset}, llama.cpp expects {expected} "
+                                            "(tensors must be packed in order, aligned, without overlap)")
+            expected += n_bytes + (-n_bytes) % self.alignment
             start = self.data_offset + offset
             if start + n_bytes > cur.size:
                 raise InputError(self.path, f"truncated GGUF: tensor {name!r} needs bytes {start}..{start + n_bytes}, file has {cur.size}")

@@ -129,7 +129,7 @@ def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     except ValueError:
         raise InputError(repr(str(p)), "path holds a NUL byte") from None
     except FileNotFoundError:
-        raise InputError(p, f"no such {what}") from None
+        raise InputError(p, "no such file") from None
     except OSError as e:
         raise InputError(p, f"cannot be read ({e.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
