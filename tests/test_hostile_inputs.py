@@ -261,3 +261,28 @@ def test_a_file_llama_cpp_aborts_on_is_a_one_line_error(aborting, tmp_path, verb
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
     assert "llama.cpp aborts on this file" in lines[0] and "n_layer" in lines[0]
+
+
+def test_a_folder_file_that_leads_outside_is_refused_but_the_hf_cache_layout_opens(tiny, tmp_path):
+    """The symlink policy (io/inputs.folder_member): a folder's files stay inside it, except a
+    Hugging Face cache snapshot's links into its own blob store."""
+    from birdbone.io.model_file import open_model
+
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(tiny.hf_dir / "model.safetensors", outside)
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny.hf_dir, hf)
+    (hf / "model.safetensors").unlink()
+    (hf / "model.safetensors").symlink_to(outside)
+    refused(lambda: open_model(hf), "leads outside it")
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in tiny.hf_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, blobs / f"sha-{f.name}")
+            (snap / f.name).symlink_to(f"../../blobs/sha-{f.name}")
+    with open_model(snap) as m:
+        assert m.n_params > 0 and all(snap in p.parents for p in m.files)

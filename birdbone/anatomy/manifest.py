@@ -159,7 +159,7 @@ def load_manifest(folder: str | Path) -> Manifest:
                                    f"({expected} here); set it to null to place it anew")
         pos = expected + n_bytes
         file = (folder / t["file"]).resolve()
-        if not file.is_relative_to(root):
+        if not file.is_relative_to(root):  # by name or by symlink (the folder policy of io/inputs.folder_member)
             raise InputError(path, f"tensor {shown(name)}: file {shown(t['file'])} leaves the organ folder")
         if not file.is_file():
             raise InputError(path, f"tensor {shown(name)}: file {shown(t['file'])} is missing")

@@ -139,6 +139,23 @@ def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     return p
 
 
+def folder_member(folder: str | os.PathLike, path: str | os.PathLike, what: str = "file") -> Path:
+    """``path``, a file a folder names (a shard, an organ, a config), if it stays in that folder.
+
+    The symlink policy: a path the user names is followed wherever it points (they chose it), but
+    a file a folder names must resolve inside the folder, or, for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/REV/``), inside that repository's ``blobs/`` store, where the
+    cache keeps the real files. So a downloaded or forged folder cannot make birdbone read
+    elsewhere."""
+    folder, p = Path(folder), Path(path)
+    root, target = folder.resolve(), p.resolve()
+    if target == root or root in target.parents:
+        return p
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").resolve() in target.parents:
+        return p
+    raise InputError(p, f"this {what} of {folder} leads outside it (to {target}); a folder's files must stay inside it")
+
+
 def read_document(path: str | os.PathLike, what: str = "file", limit: int = MAX_DOCUMENT_BYTES) -> str:
     """A small text document (JSON, YAML), size-bounded and UTF-8 checked."""
     p = regular_file(path, what)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from birdbone.io.errors import InputError
-from birdbone.io.inputs import note_input, parse_json, read_json, regular_file
+from birdbone.io.inputs import folder_member, note_input, parse_json, read_json, regular_file
 from birdbone.io.model_file import ModelFile, TensorInfo
 
 _DTYPES = {
@@ -136,8 +136,9 @@ def _shards_from_index(index_path: Path) -> list[Path]:
     files = sorted(set(weight_map.values()))
     paths = [index_path.parent / f for f in files]
     for p in paths:
-        if p.resolve().parent != index_path.resolve().parent:
+        if Path(p.name) != p.relative_to(index_path.parent):
             raise InputError(index_path, f"index names a shard outside its folder: {p}")
+        folder_member(index_path.parent, p, "shard")
         if not p.exists():
             raise InputError(index_path, f"index names a missing shard: {p.name}")
     return paths
@@ -177,9 +178,10 @@ def open_hf_folder(path: Path) -> ModelFile:
     pickle_hint = f" (found {', '.join(pickles)}: pickled checkpoints are never loaded, convert them to safetensors)" if pickles else ""
     if not config_path.exists():
         raise InputError(path, "folder has no config.json; not a Hugging Face model folder" + pickle_hint)
-    config = _read_config(config_path)
+    config = _read_config(folder_member(path, config_path, "config.json"))
     index = path / "model.safetensors.index.json"
     if index.exists():
+        folder_member(path, index, "index")
         shards = _shards_from_index(index)
     elif (path / "model.safetensors").exists():
         shards = [path / "model.safetensors"]
@@ -188,4 +190,4 @@ def open_hf_folder(path: Path) -> ModelFile:
         if not found:
             raise InputError(path, "folder has no .safetensors weights" + pickle_hint)
         shards = found
-    return _build(path, shards, config, "hf")
+    return _build(path, [folder_member(path, p, "shard") for p in shards], config, "hf")
