@@ -286,3 +286,60 @@ def test_a_folder_file_that_leads_outside_is_refused_but_the_hf_cache_layout_ope
             (snap / f.name).symlink_to(f"../../blobs/sha-{f.name}")
     with open_model(snap) as m:
         assert m.n_params > 0 and all(snap in p.parents for p in m.files)
+
+
+@pytest.mark.parametrize("patch", [{"cap_tensor_bytes": "ten"}, {"types": {"a": 3}}, {"detail": {"a": 3}}, {"detail": []}, {"excluded": 3},
+                                   {"n_params": 1.5}, {"imatrix": [1]}, {"types": {"a": "Q8_0"}, "model": None}])
+def test_plan_values_of_the_wrong_type(tmp_path, patch):
+    from birdbone.remodel.plan import PLAN_VERSION, read_plan
+
+    doc = {"version": PLAN_VERSION, "model": "m", "source": "s", "source_sha256": "x", "imatrix": None, "method": "greedy",
+           "cap_tensor_bytes": 10, "target": "t", "fixed_bytes": 0, "header_bytes": 0, "n_params": 5, "excluded": [], "types": {"a": "Q8_0"}}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    assert read_plan(path).types == {"a": "Q8_0"}
+    doc.update(patch)
+    path.write_text(json.dumps({k: v for k, v in doc.items() if v is not None or k == "imatrix"}))
+    refused(lambda: read_plan(path), str(path))
+
+
+def _imatrix_with(tmp_path, kv=None, counts_rows: int = 1):
+    """A one-entry GGUF imatrix, with one metadata value replaced (key, GGUF type, value)."""
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType, GGUFValueType
+
+    from birdbone.io.gguf_layout import KV, Layout, TensorEntry, write_layout
+
+    kvs = [KV("general.type", GGUFValueType.STRING, "imatrix"), KV("imatrix.datasets", GGUFValueType.ARRAY, ["t"], GGUFValueType.STRING),
+           KV("imatrix.chunk_count", GGUFValueType.UINT32, 1), KV("imatrix.chunk_size", GGUFValueType.UINT32, 64)]
+    if kv:
+        kvs = [k for k in kvs if k.key != kv[0]] + [KV(kv[0], kv[1], kv[2], GGUFValueType.INT32 if kv[1] == GGUFValueType.ARRAY else None)]
+    arrays = {"w.in_sum2": np.ones((1, 10), np.float32), "w.counts": np.ones((counts_rows, 1), np.float32)}
+    entries = [TensorEntry(n, tuple(reversed(a.shape)), GGMLQuantizationType.F32) for n, a in arrays.items()]
+    path = tmp_path / "im.gguf"
+    write_layout(path, Layout(kvs, entries), lambda e: [arrays[e.name].tobytes()])
+    return path
+
+
+def test_imatrix_metadata_of_the_wrong_type_or_shape(tmp_path):
+    from gguf.constants import GGUFValueType
+
+    from birdbone.io.imatrix import read_imatrix
+
+    assert read_imatrix(_imatrix_with(tmp_path)).chunk_count == 1
+    for kv in [("imatrix.datasets", GGUFValueType.ARRAY, [1, 2]), ("imatrix.datasets", GGUFValueType.UINT32, 3),
+               ("imatrix.chunk_count", GGUFValueType.STRING, "many"), ("imatrix.chunk_size", GGUFValueType.FLOAT32, 1.5)]:
+        path = _imatrix_with(tmp_path, kv)
+        refused(lambda: read_imatrix(path), str(path))
+    path = _imatrix_with(tmp_path, counts_rows=3)  # 10 sums do not split into 3 rows
+    refused(lambda: read_imatrix(path), "cannot split")
+
+
+@pytest.mark.parametrize("shape", [[2**63, 1], [2**40, 2**40, 2**40], [True, 4]])
+def test_safetensors_dimensions_that_overflow(tmp_path, shape):
+    from birdbone.io.model_file import open_model
+
+    header = json.dumps({"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, 16]}}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    refused(lambda: open_model(path), str(path))

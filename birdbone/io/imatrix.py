@@ -58,10 +58,17 @@ def _read_gguf(path: Path) -> Imatrix:
         if set(sums) != set(counts):
             odd = sorted(set(sums) ^ set(counts))[:3]
             raise InputError(path, f"imatrix sums and counts do not pair up: {odd}")
-        ds = f.value("imatrix.datasets", []) or []
-        out = Imatrix({}, list(ds), int(f.value("imatrix.chunk_count", 0) or 0), int(f.value("imatrix.chunk_size", 0) or 0), sums, counts)
+        ds = f.value("imatrix.datasets", [])
+        chunks = [f.value(k, 0) for k in ("imatrix.chunk_count", "imatrix.chunk_size")]
+        if not isinstance(ds, (list, tuple)) or not all(isinstance(d, str) for d in ds):
+            raise InputError(path, f"imatrix.datasets {shown(ds)} is not a list of names")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chunks):  # an array is not a count
+            raise InputError(path, f"imatrix.chunk_count / chunk_size {shown(chunks)} are not whole numbers")
+        out = Imatrix({}, list(ds), chunks[0], chunks[1], sums, counts)
     for name, s in sums.items():
         c = np.rint(counts[name]).reshape(-1)
+        if c.size == 0 or s.size % c.size:
+            raise InputError(path, f"imatrix {shown(name)}: {s.size} sums cannot split into {c.size} count rows")
         rows = s.reshape(len(c), -1)
         mean = np.where(c[:, None] > 0, rows / np.maximum(c[:, None], 1), 1.0)
         out.values[name] = mean.reshape(-1).astype(np.float32)

@@ -8,6 +8,7 @@ checkpoints are refused: loading them would run arbitrary code).
 from __future__ import annotations
 
 import os
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -56,8 +57,8 @@ class _SafetensorsShard:
         for name, e in header.items():
             try:
                 dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-                if not isinstance(dtype, str) or not all(isinstance(v, int) and v >= 0 for v in (*shape, a, b)):
-                    raise TypeError
+                if not isinstance(dtype, str) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62 for v in (*shape, a, b)):
+                    raise TypeError  # a dimension of 2**63 or more is no tensor (and overflows int64)
             except (KeyError, TypeError, ValueError):
                 self.close()
                 raise InputError(path, f"corrupt safetensors header entry for {name!r}") from None
@@ -67,7 +68,7 @@ class _SafetensorsShard:
             if not a <= b or self.data_offset + b > size:
                 self.close()
                 raise InputError(path, f"truncated safetensors: tensor {name!r} lies outside the file")
-            if b - a != int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize:
+            if b - a != math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize:  # exact: an int64 product could wrap
                 self.close()
                 raise InputError(path, f"corrupt safetensors: tensor {name!r} has {b - a} bytes, its shape {list(shape)} and {dtype} need another size")
             self.entries[name] = TensorInfo(name, shape, dtype, b - a, self.data_offset + a, path)

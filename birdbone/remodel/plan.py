@@ -12,10 +12,10 @@ import json
 import logging
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
-from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.errors import BirdboneError, InputError, shown
 from birdbone.io.inputs import note_input, read_json
 from birdbone.io.float_form import float_source
 
@@ -75,11 +75,25 @@ def read_plan(path: str | Path) -> Plan:
     d = read_json(path, "precision plan")
     if not isinstance(d, dict) or d.get("version") != PLAN_VERSION or not isinstance(d.get("types"), dict):
         raise InputError(path, f"is not a birdbone precision plan (version {PLAN_VERSION} with a 'types' map)")
+    from birdbone.io.config import ConfigError, config_from_dict
+
     keys = {f for f in Plan.__dataclass_fields__}
-    try:
-        return Plan(**{k: v for k, v in d.items() if k in keys})
-    except TypeError as e:
-        raise InputError(path, f"plan is missing a field: {e}") from None
+    missing = sorted(k for k, f in Plan.__dataclass_fields__.items() if k not in d and f.default is MISSING and f.default_factory is MISSING)
+    if missing:
+        raise InputError(path, f"plan is missing {', '.join(missing)}")
+    try:  # every field of its declared type, as a config would be checked
+        plan = config_from_dict(Plan, {k: v for k, v in d.items() if k in keys})
+    except ConfigError as e:
+        raise InputError(path, f"plan: {e}") from None
+    for name in ("detail", "config"):
+        if not isinstance(getattr(plan, name), dict):
+            raise InputError(path, f"plan: {name} {shown(getattr(plan, name))} is not a mapping")
+    bad = next(((k, v) for k, v in plan.types.items() if not isinstance(k, str) or not isinstance(v, str)), None)
+    bad = bad or next(((k, v) for k, v in plan.detail.items() if not isinstance(v, dict) or not isinstance(v.get("bytes"), int)), None)
+    if bad:
+        raise InputError(path, f"plan entry {shown(bad[0])}: {shown(bad[1])} is not a type name (types) or a detail with bytes")
+    plan.excluded = list(plan.excluded)
+    return plan
 
 
 def overrides(plan_types: dict[str, str]) -> list[str]:
