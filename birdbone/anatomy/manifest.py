@@ -18,7 +18,7 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from birdbone.io.errors import BirdboneError, InputError, shown
 from birdbone.io.gguf_layout import DEFAULT_ALIGNMENT, KV, Layout, TensorEntry, pack_value
-from birdbone.io.inputs import note_input, read_json
+from birdbone.io.inputs import folder_member, note_input, read_json
 from birdbone.io.gguf_reader import tensor_nbytes
 
 FORMAT = "birdbone-organs"
@@ -123,7 +123,6 @@ def load_manifest(folder: str | Path) -> Manifest:
     if data.get("format_version") != FORMAT_VERSION:
         raise InputError(path, f"manifest format_version {data.get('format_version')} is not supported (this birdbone reads {FORMAT_VERSION})")
     _check_shape(data, path)
-    root = folder.resolve()
     seen = set()
     alignment = DEFAULT_ALIGNMENT
     for m in data["metadata"]:
@@ -158,9 +157,10 @@ def load_manifest(folder: str | Path) -> Manifest:
             raise InputError(path, f"tensor {shown(name)}: offset {shown(t['offset'])}, but llama.cpp needs the tensors packed in order "
                                    f"({expected} here); set it to null to place it anew")
         pos = expected + n_bytes
-        file = (folder / t["file"]).resolve()
-        if not file.is_relative_to(root):  # by name or by symlink (the folder policy of io/inputs.folder_member)
-            raise InputError(path, f"tensor {shown(name)}: file {shown(t['file'])} leaves the organ folder")
+        try:  # by name or by symlink: the folder policy of io/inputs.folder_member
+            file = folder_member(folder, folder / t["file"], "tensor file").resolve()
+        except InputError:
+            raise InputError(path, f"tensor {shown(name)}: file {shown(t['file'])} leaves the organ folder or is no file name") from None
         if not file.is_file():
             raise InputError(path, f"tensor {shown(name)}: file {shown(t['file'])} is missing")
         size = file.stat().st_size

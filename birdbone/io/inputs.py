@@ -148,7 +148,13 @@ def folder_member(folder: str | os.PathLike, path: str | os.PathLike, what: str 
     cache keeps the real files. So a downloaded or forged folder cannot make birdbone read
     elsewhere."""
     folder, p = Path(folder), Path(path)
-    root, target = folder.resolve(), p.resolve()
+    try:
+        if "\0" in str(p) or any(len(part.encode("utf-8", errors="surrogateescape")) > 255 for part in p.parts):
+            raise ValueError
+        root, target = folder.resolve(), p.resolve()
+        target.exists()  # a name the file system refuses raises here
+    except (OSError, ValueError):
+        raise InputError(folder, f"names a {what} {shown(str(p.name))} that is no usable file name") from None
     if target == root or root in target.parents:
         return p
     if root.parent.name == "snapshots" and (root.parent.parent / "blobs").resolve() in target.parents:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from birdbone.io.errors import InputError
+from birdbone.io.errors import InputError, shown
 from birdbone.io.inputs import folder_member, note_input, parse_json, read_json, regular_file
 from birdbone.io.model_file import ModelFile, TensorInfo
 
@@ -136,10 +136,10 @@ def _shards_from_index(index_path: Path) -> list[Path]:
         raise InputError(index_path, "safetensors index weight_map values must be file names")
     files = sorted(set(weight_map.values()))
     paths = [index_path.parent / f for f in files]
-    for p in paths:
-        if Path(p.name) != p.relative_to(index_path.parent):
-            raise InputError(index_path, f"index names a shard outside its folder: {p}")
+    for f, p in zip(files, paths):
         folder_member(index_path.parent, p, "shard")
+        if Path(f).name != f:
+            raise InputError(index_path, f"index names a shard outside its folder: {shown(f)}")
         if not p.exists():
             raise InputError(index_path, f"index names a missing shard: {p.name}")
     return paths
