@@ -372,7 +372,7 @@ def judge(call: Callable[[], None]) -> tuple[str, str | None]:
 
 
 def run_target(name: str, seeds: Seeds, work: Path, seed: int, n: int, start: int = 0,
-               on_input: Callable[[int], None] | None = None) -> dict:
+               on_input: Callable[[int], None] | None = None, on_result: Callable[[int, str, str | None], None] | None = None) -> dict:
     """Inputs ``start .. start+n`` of target ``name`` (input i is mutated from ``random.Random(seed, i)``):
     the count per outcome and the first examples of ``other``."""
     counts = {"clean": 0, "accepted": 0, "other": 0}
@@ -388,8 +388,12 @@ def run_target(name: str, seeds: Seeds, work: Path, seed: int, n: int, start: in
         except Exception:  # noqa: BLE001 - a mutator that cannot write its input is skipped, and counted
             counts.setdefault("unwritable", 0)
             counts["unwritable"] += 1
+            if on_result:
+                on_result(i, "unwritable", None)
             continue
         outcome, detail = judge(call)
+        if on_result:
+            on_result(i, outcome, detail)
         counts[outcome] += 1
         if outcome == "other":
             kind = detail.split(":")[0]
@@ -397,3 +401,21 @@ def run_target(name: str, seeds: Seeds, work: Path, seed: int, n: int, start: in
             if len(examples) < 20:
                 examples.append({"input": i, "detail": detail})
     return {"counts": counts, "other_by_type": others, "examples": examples, "pid": os.getpid()}
+
+
+def _selftest(seeds: Seeds, work: Path, rng: random.Random) -> Callable[[], None]:
+    """The watchdog's own check: this target crashes on one input and hangs on another."""
+    i = int(rng.random() * 10)
+
+    def call():
+        if i == 3:
+            os.abort()
+        if i == 6:
+            import time
+
+            time.sleep(3600)
+    return call
+
+
+if os.environ.get("BIRDBONE_FUZZ_SELFTEST"):
+    TARGETS["selftest"] = _selftest

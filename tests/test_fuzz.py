@@ -23,3 +23,21 @@ def test_every_mutant_is_a_clean_error_or_accepted(seeds, tmp_path, reader):
     assert c["other"] == 0, r["examples"]
     assert c.get("unwritable", 0) < SLICE * 0.05, c
     assert c["clean"] >= SLICE * 0.05 and c["accepted"] >= SLICE * 0.05, c
+
+
+def test_the_campaigns_watchdog_charges_crashes_and_hangs_and_loses_no_input(tmp_path):
+    """benchmarks/fuzz.py on a target that aborts on some inputs and sleeps forever on others."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "fuzz.py"
+    env = dict(os.environ, BIRDBONE_FUZZ_SELFTEST="1")
+    p = subprocess.run([sys.executable, script, "--readers", "selftest", "--inputs", "40", "--chunk", "25", "--hang-s", "1",
+                        "--out", tmp_path / "fz"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]  # defects found: the campaign fails
+    r = json.loads((tmp_path / "fz.json").read_text())["readers"]["selftest"]
+    c = r["counts"]
+    assert c["crash"] > 0 and c["hang"] > 0 and c["clean"] + c["accepted"] + c["other"] + c["crash"] + c["hang"] == 40, c
