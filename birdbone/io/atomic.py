@@ -9,6 +9,7 @@ against the inputs the command read (:mod:`birdbone.io.inputs`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import time
@@ -100,13 +101,30 @@ def atomic_path(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     tmp = temp_beside(out)
     try:
-        yield tmp
+        with disk_full_is_an_error(out):
+            yield tmp
         refuse_input(out)
         os.replace(tmp, out)
         note_written(out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(out: Path) -> Iterator[None]:
+    """A full disk while writing ``out`` is the user's to fix: one line, and the temp goes."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise InputError(out, f"no space left on the device ({e.strerror}); nothing was written") from None
+        raise
+    except Exception as e:
+        # writers in other languages (safetensors' Rust) report errno 28 in their own exception types
+        if "os error 28" in str(e) or "No space left on device" in str(e):
+            raise InputError(out, "no space left on the device; nothing was written") from None
+        raise
 
 
 def temp_beside(out: Path) -> Path:
@@ -123,7 +141,8 @@ def atomic_folder(out: str | os.PathLike, replace: bool = False) -> Iterator[Pat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        yield tmp
+        with disk_full_is_an_error(out):
+            yield tmp
         refuse_input(out)
         if out.exists():
             shutil.rmtree(out) if replace else out.rmdir()
