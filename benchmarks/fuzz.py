@@ -54,8 +54,8 @@ def worker(args) -> int:
             log.write(json.dumps([i, outcome, detail, rss]) + "\n")
             log.flush()
 
-        run_target(args.worker, Seeds(WORK / "seeds"), WORK / f"work-{args.worker.replace(' ', '_')}", args.seed, args.n, args.start,
-                   mark, record)
+        run_target(args.worker, Seeds(args.work / "seeds"), args.work / f"work-{args.worker.replace(' ', '_')}", args.seed, args.n,
+                   args.start, mark, record)
     return 0
 
 
@@ -64,13 +64,13 @@ def run_chunk(reader: str, start: int, n: int, args) -> dict:
     and a new worker goes on after it."""
     merged = {"counts": {"clean": 0, "accepted": 0, "other": 0, "hang": 0, "crash": 0}, "other_by_type": {}, "examples": [],
               "peak_rss_mib": 0.0}
-    progress, result = WORK / "progress.txt", WORK / "result.jsonl"
+    progress, result = args.work / "progress.txt", args.work / "result.jsonl"
     result.unlink(missing_ok=True)
     end = start + n
     while start < end:
         progress.write_text(str(start))
         cmd = [sys.executable, __file__, "--worker", reader, "--start", str(start), "--n", str(end - start), "--seed", str(args.seed),
-               "--progress", str(progress), "--result", str(result), "--max-gib", str(args.max_gib)]
+               "--progress", str(progress), "--result", str(result), "--max-gib", str(args.max_gib), "--out", str(args.out)]
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         last, moved, hung = progress.read_text(), time.time(), False
         while p.poll() is None:
@@ -111,7 +111,7 @@ def markdown(res: dict) -> str:
 
 
 def main() -> int:
-    from tests.fuzz_targets import FOLDER_TARGETS, TARGETS, Seeds
+    from tests.fuzz_targets import FOLDER_TARGETS, NEEDS_RUNS, TARGETS, Seeds
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--readers", default=",".join(TARGETS), help="any of: " + ", ".join(TARGETS))
@@ -128,11 +128,15 @@ def main() -> int:
     ap.add_argument("--progress", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # each results file has its own work folder: two campaigns never share a worker's files
+    args.work = WORK if args.out == OUT else args.out.with_name(args.out.name + ".work")
     if args.worker:
         return worker(args)
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    Seeds(WORK / "seeds").build()
+    args.work.mkdir(parents=True, exist_ok=True)
+    seeds = Seeds(args.work / "seeds").build()
+    if NEEDS_RUNS & set(args.readers.split(",")):
+        seeds.build_runs()
     path = args.out.with_suffix(".json")
     res = json.loads(path.read_text()) if path.exists() else {"readers": {}}
     res["command"] = " ".join(sys.argv)

@@ -221,6 +221,29 @@ class Seeds:
             "excluded": [], "types": {n: "Q8_0" for n in mats}, "detail": {n: {"bytes": 100} for n in mats}}))
         return self
 
+    def build_runs(self) -> "Seeds":
+        """The slow seeds: a finished prune run and a synapse checkpoint, on a tiny model with a tokenizer."""
+        import subprocess
+        import sys
+
+        from tests.fixtures.tiny import make_tiny_llama
+
+        r = self.root
+        if not (r / "prune-run" / "state.json").exists():
+            tiny = make_tiny_llama(r / "tiny", hidden=16, intermediate=32, layers=1, heads=2, kv_heads=1)
+            text = r / "text.txt"
+            text.write_text("the bone is light and the bird is strong. " * 400)
+            common = ["--text", str(text)]
+            subprocess.run([sys.executable, "-m", "birdbone", "prune", str(tiny.gguf_f32), "--run-dir", str(r / "prune-run"), "-o",
+                            str(r / "pruned.gguf"), "--target-density", "0.8", "--score", "magnitude", "--heal-steps", "0", "--type", "F32",
+                            "--set", "eval_tokens=128", "--set", "eval_ctx=32", "--set", "calibration_tokens=128", *common], check=True,
+                           capture_output=True)
+            subprocess.run([sys.executable, "-m", "birdbone", "synapse", "train", "-o", str(r / "synapse-run"), *common,
+                            "--set", "steps=2", "--set", "vocab=300", "--set", "batch=2", "--set", "seq=16", "--set", "model.n_layer=1",
+                            "--set", "model.n_embd=16", "--set", "model.intermediate=32", "--set", "model.hebbian=true",
+                            "--set", "eval_every=2", "--set", "eval_windows=1", "--set", "checkpoint_every=2"], check=True, capture_output=True)
+        return self
+
 
 # -- targets ------------------------------------------------------------------------------------------
 
@@ -344,11 +367,52 @@ def _imatrix(seeds: Seeds, work: Path, rng: random.Random) -> Callable[[], None]
     return call
 
 
+def _mutate_folder(src: Path, dst: Path, rng: random.Random) -> None:
+    """A copy of the folder ``src`` with one of its files damaged (a JSON document structurally, any file as bytes)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    victim = rng.choice(sorted(p for p in dst.rglob("*") if p.is_file()))
+    if victim.suffix == ".json" and rng.random() < 0.7:
+        victim.write_text(doc_text(mutate_doc(json.loads(victim.read_text()), rng), rng), errors="surrogatepass")
+    elif victim.suffix == ".jsonl" and rng.random() < 0.7:
+        lines = victim.read_text().splitlines()
+        i = rng.randrange(len(lines))
+        lines[i] = doc_text(mutate_doc(json.loads(lines[i]), rng), rng)
+        victim.write_text("\n".join(lines) + "\n", errors="surrogatepass")
+    else:
+        victim.write_bytes(mutate_bytes(victim.read_bytes(), rng))
+
+
+def _run_folder(seeds: Seeds, work: Path, rng: random.Random) -> Callable[[], None]:
+    from birdbone.recipe.runs import revert_run
+    from birdbone.remodel.report import read_metrics
+
+    run = work / "run"
+    _mutate_folder(seeds.root / "prune-run", run, rng)
+    out = work / "reverted.gguf"
+
+    def call():
+        out.unlink(missing_ok=True)
+        read_metrics(run)
+        revert_run(run, out, to_wave=rng.choice([0, 1]), out_type="F32")
+        _use_model(out)
+    return call
+
+
+def _synapse_checkpoint(seeds: Seeds, work: Path, rng: random.Random) -> Callable[[], None]:
+    from birdbone.synapse.evaluate import load_run
+
+    run = work / "syn"
+    _mutate_folder(seeds.root / "synapse-run", run, rng)
+    return lambda: load_run(run)
+
+
 TARGETS: dict[str, Callable[[Seeds, Path, random.Random], Callable[[], None]]] = {
     "gguf": _gguf, "split gguf": _split_gguf, "safetensors": _safetensors, "imatrix": _imatrix, "recipe": _recipe, "plan": _plan,
-    "hf folder": _hf_folder, "organ folder": _manifest,
+    "hf folder": _hf_folder, "organ folder": _manifest, "run folder": _run_folder, "synapse checkpoint": _synapse_checkpoint,
 }
-FOLDER_TARGETS = {"hf folder", "organ folder"}  # ≥ 10k inputs in the campaign; the others ≥ 100k
+FOLDER_TARGETS = {"hf folder", "organ folder", "run folder", "synapse checkpoint"}  # ≥ 10k inputs in the campaign; the others ≥ 100k
+NEEDS_RUNS = {"run folder", "synapse checkpoint"}  # their seeds take a minute: Seeds.build_runs
 
 
 def judge(call: Callable[[], None]) -> tuple[str, str | None]:

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.errors import BirdboneError
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
 # nine anchors, each nine times the one before: 369 bytes that expand to 9**9 strings
@@ -85,7 +85,9 @@ def test_a_special_file_is_refused_not_read(tiny, tmp_path, reader, kind):
         path.mkdir()
     else:
         path.symlink_to("/dev/zero")
-    refused(call, str(path), "folder" if kind == "folder" else "not a regular file")
+    msg = refused(call, str(path))
+    # a folder's file that is a link to /dev/zero leads outside it: refused by the folder policy first
+    assert ("folder" if kind == "folder" else "not a regular file") in msg or (kind == "/dev/zero" and "leads outside" in msg), msg
 
 
 @pytest.mark.parametrize("reader", ["config.json", "manifest.json", "plan.json", "run.json"])

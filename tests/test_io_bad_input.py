@@ -467,7 +467,7 @@ def test_folder_with_config_but_no_weights(tiny, tmp_path):
 
 @pytest.mark.parametrize("content,needle", [
     ("{not json", "invalid JSON"),
-    (b"\xff\xfe{}", "invalid JSON"),
+    (b"\xff\xfe{}", "is not UTF-8"),
     pytest.param("[1, 2]", "config.json"),
 ])
 def test_bad_config_json(tiny, tmp_path, content, needle):

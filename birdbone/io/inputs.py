@@ -180,9 +180,9 @@ def parse_json(text: str, where: str | os.PathLike, what: str = "JSON") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(where, f"invalid {what}: {e}") from None
+        raise InputError(where, f"invalid JSON ({what}): {e}" if what != "JSON" else f"invalid JSON: {e}") from None
     except RecursionError:
-        raise InputError(where, f"invalid {what}: nested too deep") from None
+        raise InputError(where, f"invalid JSON ({what}): nested too deep") from None
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from birdbone.io.inputs import read_json
 from birdbone.io.atomic import write_text_atomic
-from birdbone.io.errors import InputError
+from birdbone.io.errors import InputError, shown
 
 RUN_FILE = "run.json"
 # identity keys in words, for the one-line error a resume with other inputs gets
@@ -110,6 +112,21 @@ class RunFolder:
             write_text_atomic(self.path / name, text)
         self.state.update(state)
         self.save()
+
+
+@contextlib.contextmanager
+def reading_run(path: str | Path) -> Iterator[None]:
+    """Reading a finished run (report, revert, diff, eval): a file of it that does not hold what
+    birdbone wrote there (damaged, edited, cut short) is a one-line error naming the run, never a
+    traceback. The run folder is ours, so this is the one boundary for all its files."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, EOFError, RecursionError, UnicodeDecodeError, IsADirectoryError, NotADirectoryError,
+            SafetensorError) as e:
+        raise InputError(path, f"this run folder is damaged or was edited ({type(e).__name__}: {shown(str(e), 120)}); "
+                               "use a new run folder") from None
 
 
 def read_run(path: str | Path) -> dict:

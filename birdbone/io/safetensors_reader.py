@@ -44,9 +44,9 @@ class _SafetensorsShard:
         except UnicodeDecodeError as e:
             self._fh.close()
             raise InputError(path, f"corrupt safetensors header: {e}") from None
-        except InputError:
+        except InputError as e:
             self._fh.close()
-            raise
+            raise InputError(path, f"corrupt safetensors header ({e.problem})") from None
         if not isinstance(header, dict):
             self._fh.close()
             raise InputError(path, "corrupt safetensors header: not a JSON object")
@@ -137,9 +137,12 @@ def _shards_from_index(index_path: Path) -> list[Path]:
     files = sorted(set(weight_map.values()))
     paths = [index_path.parent / f for f in files]
     for f, p in zip(files, paths):
-        folder_member(index_path.parent, p, "shard")
-        if Path(f).name != f:
-            raise InputError(index_path, f"index names a shard outside its folder: {shown(f)}")
+        try:
+            if Path(f).name != f:
+                raise InputError(index_path, "")
+            folder_member(index_path.parent, p, "shard")
+        except InputError:
+            raise InputError(index_path, f"index names a shard outside its folder: {shown(f)}") from None
         if not p.exists():
             raise InputError(index_path, f"index names a missing shard: {p.name}")
     return paths

@@ -16,7 +16,7 @@ from pathlib import Path
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.inputs import note_input, read_json
 from birdbone.io.progress import Progress, tick
-from birdbone.io.run_folder import STATE_FILE, read_run, run_kind
+from birdbone.io.run_folder import STATE_FILE, read_run, reading_run, run_kind
 from birdbone.recipe.plan import EXPORTED, OUTPUT_MODEL
 
 
@@ -61,7 +61,8 @@ def model_at(spec: str, tmp: Path) -> str:
     found = wave_spec(spec)
     if found is None:
         return spec
-    export_wave(found[0], tmp, found[1], "F32")
+    with reading_run(found[0]):
+        export_wave(found[0], tmp, found[1], "F32")
     return str(tmp)
 
 
@@ -90,9 +91,10 @@ def revert_run(run_dir: str | Path, out: str | Path, to_wave: int | None = None,
     after stage ``to_stage`` of a compress run."""
     if (to_wave is None) == (to_stage is None):
         raise BirdboneError("give exactly one of --to-wave and --to-stage")
-    if to_stage is not None:
-        return revert_to_stage(run_dir, to_stage, out, out_type)
-    res = export_wave(run_dir, out, to_wave, out_type, progress)
+    with reading_run(run_dir):
+        if to_stage is not None:
+            return revert_to_stage(run_dir, to_stage, out, out_type)
+        res = export_wave(run_dir, out, to_wave, out_type, progress)
     return Reverted(Path(res["out"]), wave=res["wave"], type=res["type"], density=res["density"])
 
 

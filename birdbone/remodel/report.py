@@ -24,7 +24,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise InputError(Path(run_dir), "not a prune run folder (no metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from birdbone.io.run_folder import reading_run
+
+    with reading_run(run_dir):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def log_wave(run_dir: str | Path, metrics: list[dict]) -> None:
@@ -129,5 +132,8 @@ class RunReport:
 
 def report_run(run_dir: str | Path, out: str | Path | None = None) -> RunReport:
     """Render a prune run's healing curves as HTML (default: RUN/report.html)."""
-    path = write_report(run_dir, out)
-    return RunReport(path, Path(run_dir), read_metrics(run_dir))
+    from birdbone.io.run_folder import reading_run
+
+    with reading_run(run_dir):
+        path = write_report(run_dir, out)
+        return RunReport(path, Path(run_dir), read_metrics(run_dir))

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 STOCHASTIC_MODES = ("normal_reparam", "gumbel_sigmoid_ste", "straight_through")
 
 
+# a CPU-sized model; a config past this is a typo or a forged file, and would take the machine's memory
+MAX_PARAMS = 2e9
+
+
 @dataclass(frozen=True)
 class SynapticConfig:
     """Every parameter of the model, with its biological reading where it has one.
@@ -128,6 +132,11 @@ class SynapticConfig:
             raise ValueError(f"experts {self.experts} must be in [top_k = {self.top_k}, max_experts = {self.max_experts}]")
         if self.splitmerge_every < 1 or not 0.0 <= self.split_health_min <= 1.0 or self.energy_cost_rel < 0:
             raise ValueError("splitmerge_every ≥ 1, split_health_min in [0, 1], energy_cost_rel ≥ 0")
+        experts = self.max_experts if self.moe else 1
+        params = self.n_layer * (4 * self.n_embd**2 + 3 * self.n_embd * self.intermediate * experts) + self.vocab_size * self.n_embd
+        if params > MAX_PARAMS or self.block_size > 2**20:
+            raise ValueError(f"about {params:.3g} parameters (n_layer, n_embd, intermediate, experts) or block_size {self.block_size}: "
+                             f"the living transformer is a small model, at most {MAX_PARAMS:.0e} parameters and 2^20 positions")
 
     @property
     def head_dim(self) -> int:

@@ -37,7 +37,13 @@ class LoadedRun:
 
 
 def load_run(run: str | Path) -> LoadedRun:
-    run = Path(run)
+    from birdbone.io.run_folder import reading_run
+
+    with reading_run(run):
+        return _load_run(Path(run))
+
+
+def _load_run(run: Path) -> LoadedRun:
     cfg = read_config(run)
     note_folder_files(run, own=("reliability.png",))  # the run is an input; its reliability plot is eval's own
     if not (run / "model.safetensors").exists():

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from birdbone.io.inputs import note_input, read_json
+from birdbone.io.inputs import note_input, read_json, regular_file
 from birdbone.io.atomic import write_text_atomic
-from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.errors import BirdboneError, InputError, shown
 from birdbone.synapse.config import TrainConfig
 from birdbone.synapse.model import SynapticGPT
 from birdbone.io.progress import Progress
@@ -51,7 +51,13 @@ def train_tokenizer(text: str, vocab: int):
 def load_tokenizer(run: Path):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(run / "tokenizer.json"))
+    path = run / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(regular_file(path, "tokenizer")))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        if isinstance(e, InputError):
+            raise
+        raise InputError(path, f"not a tokenizer file this run wrote ({shown(str(e), 120)})") from None
 
 
 def encode(tok, text: str) -> np.ndarray:
@@ -142,8 +148,11 @@ def load_weights(run: Path, model: SynapticGPT) -> None:
     state = load_file(str(run / "model.safetensors"))
     if model.cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.fit_experts(state)  # splits and merges change the expert counts
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model.fit_experts(state)  # splits and merges change the expert counts
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape that is not the config's
+        raise InputError(run / "model.safetensors", f"checkpoint does not fit its config ({shown(str(e), 160)})") from None
     if missing or unexpected:
         raise InputError(run, f"checkpoint does not fit its config (missing {missing[:2]}, unexpected {unexpected[:2]})")
 
