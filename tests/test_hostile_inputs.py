@@ -110,7 +110,7 @@ def test_a_safetensors_header_nested_too_deep(tmp_path):
     (ALIAS_BOMB, "expands to more than"),
     ("name: a\nname: b\n", "appears twice"),
     ("name: a\n1: b\n", "keys are names"),
-    ("name: [" * 3000 + "]" * 3000 + "\n", "invalid config file"),
+    ("name: [" * 3000 + "]" * 3000 + "\n", "not valid YAML"),
     ("verify:\n  max_dppl_pct: .nan\n", "finite number"),
     ("verify:\n  holdout: .inf\n", "finite number"),
     ("name: " + "x" * 500_000 + "\n", "at most 4,096"),

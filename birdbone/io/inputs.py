@@ -222,7 +222,7 @@ def parse_yaml(text: str, where: str | os.PathLike, what: str = "YAML") -> Any:
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise InputError(where, f"invalid {what} ({' '.join(str(e).split())[:300]})") from None
+        raise InputError(where, f"not valid YAML ({' '.join(str(e).split())[:300]})") from None
     except RecursionError:
         raise InputError(where, f"invalid {what}: nested too deep") from None
     _count_values(data, where, what)
