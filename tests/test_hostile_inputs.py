@@ -345,3 +345,10 @@ def test_safetensors_dimensions_that_overflow(tmp_path, shape):
     path = tmp_path / "m.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
     refused(lambda: open_model(path), str(path))
+
+
+def test_a_path_the_file_system_refuses(tmp_path):
+    """A 300-character name (the fuzzer's find, from a damaged run's config.json): one line, not OSError."""
+    from birdbone.io.model_file import open_model
+
+    refused(lambda: open_model(tmp_path / ("x" * 300)), "not a usable path")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from birdbone.io.errors import InputError
+from birdbone.io.errors import InputError, shown
 from birdbone.io.inputs import note_input, regular_file
 
 BUILTIN = "builtin"
@@ -117,7 +117,11 @@ def open_model(model: str | os.PathLike) -> ModelFile:
 def _open(path: Path) -> ModelFile:
     if "\0" in str(path):
         raise InputError(repr(str(path)), "path holds a NUL byte")
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError as e:  # a name the file system refuses (too long, a loop)
+        raise InputError(shown(str(path)), f"is not a usable path ({e.strerror})") from None
+    if not found:
         raise InputError(path, "no such file or folder")
     if path.is_dir():
         from birdbone.io.safetensors_reader import open_hf_folder
