@@ -43,3 +43,20 @@ def test_the_campaigns_watchdog_charges_crashes_and_hangs_and_loses_no_input(tmp
     r = json.loads((tmp_path / "fz.json").read_text())["readers"]["selftest"]
     c = r["counts"]
     assert c["crash"] > 0 and c["hang"] > 0 and c["clean"] + c["accepted"] + c["other"] + c["crash"] + c["hang"] == 40, c
+
+
+def test_a_run_folder_naming_a_path_no_file_system_takes(seeds, tmp_path):
+    """The campaign's find: a damaged run's config.json whose source is a 300-character name."""
+    import json
+    import shutil
+
+    from birdbone.io.errors import InputError
+    from birdbone.recipe.runs import revert_run
+
+    run = tmp_path / "run"
+    shutil.copytree(seeds.root / "prune-run", run)
+    config = json.loads((run / "config.json").read_text())
+    config["source"]["path"] = "x" * 300
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="damaged or was edited"):
+        revert_run(run, tmp_path / "w.gguf", to_wave=1, out_type="F32")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import contextlib
+import errno
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,9 +124,15 @@ def reading_run(path: str | Path) -> Iterator[None]:
 
     try:
         yield
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, EOFError, RecursionError, UnicodeDecodeError, IsADirectoryError, NotADirectoryError,
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, EOFError, RecursionError, UnicodeDecodeError,
             SafetensorError) as e:
         raise InputError(path, f"this run folder is damaged or was edited ({type(e).__name__}: {shown(str(e), 120)}); "
+                               "use a new run folder") from None
+    except OSError as e:
+        # a path the run recorded that no file system takes (too long, a loop, a folder for a file)
+        if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP, errno.EISDIR, errno.ENOTDIR):
+            raise
+        raise InputError(path, f"this run folder is damaged or was edited (it names {shown(str(e.filename))}: {e.strerror}); "
                                "use a new run folder") from None
 
 
