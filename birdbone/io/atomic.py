@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from birdbone.io.errors import InputError
-from birdbone.io.inputs import landing_on_input, note_written
+from birdbone.io.inputs import landing_on_input, note_written, refuse_nul
 
 TEMP_PREFIX = ".birdbone-tmp-"
 # A temp whose process is gone is only removed once untouched this long (a pid can be reused).
@@ -27,8 +27,7 @@ STALE_AFTER_S = 60.0
 def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike] = (), need_bytes: int = 0) -> Path:
     """Validate an output path before any work starts; returns it resolved."""
     out = Path(out)
-    if "\0" in str(out):
-        raise InputError(repr(str(out)), "path holds a NUL byte")
+    refuse_nul(out)
     refuse_input(out, inputs)
     parent = out.resolve().parent
     if not parent.is_dir():
@@ -46,8 +45,7 @@ def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike] = (), n
 def check_output_folder(out: str | os.PathLike, inputs: list | tuple = ()) -> Path:
     """Validate a folder output before any work starts: absent or empty, its parent there, not an input."""
     out = Path(out)
-    if "\0" in str(out):
-        raise InputError(repr(str(out)), "path holds a NUL byte")
+    refuse_nul(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(out, "output folder exists and is not empty")
     parent = out.resolve().parent

@@ -59,16 +59,19 @@ def note_input(*paths: str | os.PathLike | None, folder: bool = False) -> None:
     for p in paths:
         if p is None:
             continue
-        p = Path(p)
-        with contextlib.suppress(OSError, ValueError):
-            st = p.stat()
-            if p.resolve() in noted.written:
-                continue
-            if folder or stat.S_ISDIR(st.st_mode):
-                noted.folders.add(p.resolve())
-            else:
-                noted.paths.add(p.resolve())
-                noted.inodes.add((st.st_dev, st.st_ino))
+        _record(noted, Path(p), folder)
+
+
+def _record(rec: _Noted, p: Path, folder: bool = False) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        st = p.stat()
+        if p.resolve() in rec.written:
+            return
+        if folder or stat.S_ISDIR(st.st_mode):
+            rec.folders.add(p.resolve())
+        else:
+            rec.paths.add(p.resolve())
+            rec.inodes.add((st.st_dev, st.st_ino))
 
 
 def note_folder_files(folder: str | os.PathLike, own: tuple[str, ...] = ()) -> None:
@@ -107,11 +110,7 @@ def landing_on_input(out: str | os.PathLike, inputs: list | tuple = ()) -> str |
     extra = _Noted()
     for p in inputs:
         if p is not None:
-            with contextlib.suppress(OSError, ValueError):
-                q = Path(p)
-                st_in = q.stat()
-                (extra.folders if stat.S_ISDIR(st_in.st_mode) else extra.paths).add(q.resolve())
-                extra.inodes.add((st_in.st_dev, st_in.st_ino))
+            _record(extra, Path(p))
     for rec in (noted, extra):
         if target in rec.paths or (inode is not None and inode in rec.inodes):
             return "output path is the same file as an input; refusing to overwrite it"
@@ -119,6 +118,12 @@ def landing_on_input(out: str | os.PathLike, inputs: list | tuple = ()) -> str |
             if target == folder or folder in target.parents:
                 return f"output path lies inside the input folder {folder}; refusing to write into it"
     return None
+
+
+def refuse_nul(path: str | os.PathLike) -> None:
+    """No file system takes a NUL in a path; say so in one line before anything tries."""
+    if "\0" in str(path):
+        raise InputError(repr(str(path)), "path holds a NUL byte")
 
 
 def regular_file(path: str | os.PathLike, what: str = "file") -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from birdbone.io.errors import InputError, shown
-from birdbone.io.inputs import note_input, regular_file
+from birdbone.io.inputs import note_input, refuse_nul, regular_file
 
 BUILTIN = "builtin"
 
@@ -115,8 +115,7 @@ def open_model(model: str | os.PathLike) -> ModelFile:
 
 
 def _open(path: Path) -> ModelFile:
-    if "\0" in str(path):
-        raise InputError(repr(str(path)), "path holds a NUL byte")
+    refuse_nul(path)
     try:
         found = path.exists()
     except OSError as e:  # a name the file system refuses (too long, a loop)
