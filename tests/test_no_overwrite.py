@@ -5,6 +5,7 @@ one-line error naming the output, and leave every input byte for byte as it was.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,7 @@ CASES = {
     "quantize -o model": ["quantize", "{m}", "-o", "{m}", "--type", "Q8_0"],
     "quantize -o imatrix": ["quantize", "{m}", "--imatrix", "{im}", "-o", "{im}", "--type", "Q8_0"],
     "quantize -o plan": ["quantize", "{m}", "--plan", "{plan}", "-o", "{plan}"],
+    "quantize --plan -o the plan's imatrix": ["quantize", "{m}", "--plan", "{plan}", "-o", "{usage}/imatrix.gguf"],
     "quantize --eval -o text": ["quantize", "{m}", "--type", "Q8_0", "--eval", "--text", "{text}", "-o", "{text}"],
     "convert -o --like": ["convert", "{hf}", "--like", "{m}", "-o", "{m}"],
     "convert -o into the HF input": ["convert", "{hf}", "--like", "{m}", "-o", "{hf}/model.safetensors"],
@@ -100,6 +102,10 @@ def test_no_verb_overwrites_its_input(kit, tmp_path, case):
     subs = {"m": root / "m.gguf", "m32": root / "m32.gguf", "hf": root / "hf", "im": root / "im.gguf", "plan": root / "plan.json",
             "text": root / "text.txt", "recipe": root / "recipe.yaml", "prune_cfg": root / "prune.yaml", "organs": root / "organs",
             "organ_file": organ_file(root), "run": root / "run", "syn": root / "syn", "usage": root / "usage", "tmp": tmp_path}
+    plan = json.loads((root / "plan.json").read_text())
+    assert plan["imatrix"]
+    plan["imatrix"] = str(root / "usage" / "imatrix.gguf")  # the copy's own, so no case can reach the module's kit
+    (root / "plan.json").write_text(json.dumps(plan))
     argv = [a.format(**{k: str(v) for k, v in subs.items()}) for a in CASES[case]]
     before = sha_tree(root)
     r = runner.invoke(app, argv)

@@ -22,6 +22,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from birdbone.io.atomic import atomic_path, check_output
+from birdbone.io.inputs import note_input
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.llama import capture_log, ggml, lib, probe_loadable
 from birdbone.io.types import file_type, legal_type, tensor_type
@@ -144,6 +145,7 @@ def quantize_file(src: str | Path, out: str | Path | None, type_name: str = "Q4_
     """Quantize a GGUF with ``llama_model_quantize``; returns the types llama.cpp wrote."""
     from birdbone.io.model_file import open_model, resolve_model_path
 
+    note_input(imatrix)  # a plan's imatrix too: known before the output check, so -o cannot land on it
     src = resolve_model_path(src)
     ftype_name, ftype = file_type(type_name)
     overrides = parse_tensor_types(tensor_types or [])

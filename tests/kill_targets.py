@@ -1,0 +1,130 @@
+"""Every command that writes, as the kill -9 probes run it: its argv on the tiny model, what its
+output is called, and the check that an output which looks complete really is.
+
+Shared by the CI matrix (``tests/test_kill_matrix.py``: the seven one-shot writers at two random
+points each) and the campaign (``benchmarks/kill_campaign.py``: all ten, many random points).
+``resumes`` marks the writers whose run folder picks up after a kill: their rerun must give the
+uncut run's bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+TINY_RECIPE = """\
+name: kill-loop
+seed: 3
+stages: [map, profile, waves, budget, export, verify]
+profile: {tokens: 256, ctx: 64}
+waves:
+  target_density: 0.7
+  heal: {steps: 3, batch: 2, seq: 32}
+  eval_tokens: 256
+  eval_ctx: 64
+  calibration_tokens: 256
+budget:
+  method: greedy
+  target_bytes: Q4_K_M
+  sensitivity: {val_tokens: 256, val_ctx: 64, passes: 2, seq: 32}
+verify: {tokens: 256, ctx: 64, canary_tokens: 4, decode: 4, max_kld: 0.01, reference: Q4_K_M, reference_slack_pct: 0.5}
+"""
+SYNAPSE_SETS = ["--set", "steps=8", "--set", "vocab=300", "--set", "batch=2", "--set", "seq=32", "--set", "model.n_layer=1",
+                "--set", "model.n_embd=32", "--set", "model.intermediate=48", "--set", "model.rank_eligibility=4", "--set", "eval_every=4",
+                "--set", "eval_windows=2", "--set", "checkpoint_every=2", "--set", "model.hebbian=true", "--set", "model.presynaptic=true"]
+PRUNE_SETS = ["--target-density", "0.6", "--score", "magnitude", "--set", "heal.batch=2", "--set", "heal.seq=32", "--set", "eval_tokens=512",
+              "--set", "eval_ctx=64", "--set", "calibration_tokens=256", "--heal-steps", "2", "--type", "F32"]
+
+
+def complete_gguf(path: Path) -> None:
+    from birdbone.io.model_file import open_model
+
+    with open_model(path) as m:
+        for n in m.tensors:
+            m.raw(n)
+
+
+def complete_organs(path: Path) -> None:
+    from birdbone.anatomy.manifest import load_manifest
+
+    load_manifest(path)
+
+
+def complete_profile(path: Path) -> None:
+    from birdbone.measure.usage import read_profile
+
+    read_profile(path)
+
+
+def complete_plan(path: Path) -> None:
+    from birdbone.remodel.plan import read_plan
+
+    read_plan(path)
+
+
+def complete_synapse(path: Path) -> None:
+    from birdbone.synapse.evaluate import load_run
+
+    load_run(path)
+
+
+@dataclass(frozen=True)
+class Writer:
+    argv: list[str]  # {m} the tiny F16 GGUF, {m32} its F32 form, {organs} a dissection, {usage} a profile, {recipe}; {out}
+    name: str  # the output's name inside the folder the probe gives it
+    check: Callable[[Path], None]
+    resumes: bool = False
+    compared: tuple[str, ...] = ()  # the files whose bytes a rerun must reproduce (default: all; logs carry times)
+
+    def bytes_of(self, out: Path) -> dict[str, str]:
+        tree = sha_tree(out)
+        return {k: v for k, v in tree.items() if k in self.compared} if self.compared else tree
+
+
+WRITERS = {
+    "quantize": Writer(["quantize", "{m}", "--type", "Q8_0", "-o", "{out}"], "q.gguf", complete_gguf),
+    "dissect": Writer(["dissect", "{m}", "-o", "{out}"], "organs", complete_organs),
+    "assemble": Writer(["assemble", "{organs}", "-o", "{out}"], "a.gguf", complete_gguf),
+    "graft": Writer(["graft", "--base", "{m}", "--donor", "{m}", "--layers", "0", "-o", "{out}"], "g.gguf", complete_gguf),
+    "purify": Writer(["purify", "{m}", "--layers", "0", "-o", "{out}"], "p.gguf", complete_gguf),
+    "profile": Writer(["profile", "{m32}", "--ctx", "64", "--tokens", "256", "-o", "{out}"], "usage", complete_profile),
+    "budget": Writer(["budget", "{m}", "--usage", "{usage}", "--target-bpw", "6", "-o", "{out}"], "plan.json", complete_plan),
+    "prune": Writer(["prune", "{m32}", *PRUNE_SETS, "--run-dir", "{out}.run", "-o", "{out}"], "pruned.gguf", complete_gguf, resumes=True),
+    "compress": Writer(["compress", "{m}", "-r", "{recipe}", "-o", "{out}"], "c.gguf", complete_gguf, resumes=True),
+    "synapse train": Writer(["synapse", "train", *SYNAPSE_SETS, "-o", "{out}"], "syn", complete_synapse, resumes=True,
+                            compared=("model.safetensors", "optimizer.safetensors", "tokenizer.json")),
+}
+ONE_SHOT = [v for v, w in WRITERS.items() if not w.resumes]
+
+
+def make_inputs(f16: Path, f32: Path, root: Path) -> dict[str, Path]:
+    """What the writers read, made once under ``root`` (kept when already there): a dissection and
+    a profile of the tiny model, and a recipe."""
+    inputs = {"m": f16, "m32": f32, "organs": root / "organs", "usage": root / "usage", "recipe": root / "recipe.yaml"}
+    if not inputs["recipe"].exists():
+        for argv in (["dissect", f16, "-o", inputs["organs"]], ["profile", f32, "--ctx", "64", "--tokens", "256", "-o", inputs["usage"]]):
+            p = start([str(a) for a in argv])
+            assert p.wait(timeout=300) == 0, p.stderr.read()
+        inputs["recipe"].write_text(TINY_RECIPE)
+    return inputs
+
+
+def command(verb: str, inputs: dict[str, Path], out: Path) -> list[str]:
+    return [a.format(**inputs, out=out) for a in WRITERS[verb].argv]
+
+
+def start(argv: list[str]) -> subprocess.Popen:
+    """A birdbone process in its own session, so a kill reaches its children too."""
+    return subprocess.Popen([sys.executable, "-m", "birdbone", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, env=dict(os.environ, COLUMNS="200"))
+
+
+def sha_tree(path: Path) -> dict[str, str]:
+    """The bytes of a file, or of every file under a folder, by relative name."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)) if p != path else p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
