@@ -40,6 +40,7 @@ def kit(tiny, tmp_path_factory):
     (root / "text.txt").write_text(Path(__file__).with_name("conftest.py").read_text() * 20)
     shutil.copy(Path(__file__).parents[1] / "birdbone" / "recipes" / "gentle.yaml", root / "recipe.yaml")
     (root / "prune.yaml").write_text("heal:\n  steps: 0\n")
+    (root / "cfg.yaml").write_text("{}\n")
     dissect(root / "m.gguf", root / "organs")
     birdbone("prune", root / "m32.gguf", "--run-dir", root / "run", "-o", root / "pruned.gguf", "--target-density", "0.9", "--score", "magnitude",
              "--heal-steps", "0", "--text", root / "text.txt", "--set", "eval_tokens=256", "--set", "eval_ctx=64", "--set", "calibration_tokens=256",
@@ -88,6 +89,29 @@ CASES = {
     "scaffold -o text": ["scaffold", "{m32}", "--text", "{text}", "-o", "{text}"],
     "synapse eval --plot into the run": ["synapse", "eval", "{syn}", "--plot", "{syn}/config.json", "--text", "{text}"],
     "synapse enable -o into the run": ["synapse", "enable", "{syn}", "-o", "{syn}/enabled", "--set", "model.hebbian=true"],
+    "diff -o the second model": ["diff", "{m}", "{m32}", "-o", "{m32}"],
+    "dissect -o model": ["dissect", "{m}", "-o", "{m}"],
+    "assemble -o text": ["assemble", "{organs}", "--text", "{text}", "-o", "{text}"],
+    "graft -o donor": ["graft", "--base", "{organs}", "--donor", "{m}", "--layers", "0", "-o", "{m}"],
+    "graft -o text": ["graft", "--base", "{m}", "--donor", "{m32}", "--layers", "0", "--text", "{text}", "-o", "{text}"],
+    "purify -o text": ["purify", "{m}", "--layers", "0", "--text", "{text}", "-o", "{text}"],
+    "profile -o model": ["profile", "{m32}", "-o", "{m32}", "--ctx", "64", "--tokens", "256"],
+    "profile -o config": ["profile", "{m32}", "--config", "{cfg}", "-o", "{cfg}", "--ctx", "64", "--tokens", "256"],
+    "budget -o text": ["budget", "{m}", "--usage", "{usage}", "--target-bpw", "6", "--text", "{text}", "-o", "{text}"],
+    "budget -o config": ["budget", "{m}", "--usage", "{usage}", "--target-bpw", "6", "--config", "{cfg}", "-o", "{cfg}"],
+    "scaffold -o model": ["scaffold", "{m32}", "-o", "{m32}"],
+    "scaffold -o usage": ["scaffold", "{m32}", "--usage", "{usage}", "-o", "{usage}/imatrix.gguf"],
+    "scaffold -o config": ["scaffold", "{m32}", "--config", "{cfg}", "-o", "{cfg}"],
+    "structure -o model": ["structure", "{m32}", "-o", "{m32}", "--run-dir", "{tmp}/s"],
+    "structure -o config": ["structure", "{m32}", "--config", "{cfg}", "-o", "{cfg}", "--run-dir", "{tmp}/s"],
+    "structure -o into its run": ["structure", "{m32}", "--run-dir", "{run}", "-o", "{run}/state.json"],
+    "prune -o model": ["prune", "{m32}", "-o", "{m32}", "--run-dir", "{tmp}/r"],
+    "prune -o into its run": ["prune", "{m32}", "--run-dir", "{run}", "-o", "{run}/state.json"],
+    "compress -o model": ["compress", "{m32}", "-o", "{m32}", "--run-dir", "{tmp}/c"],
+    "compress -o eval text": ["compress", "{m32}", "--eval-text", "{text}", "-o", "{text}", "--run-dir", "{tmp}/c"],
+    "compress -o into its run": ["compress", "{m32}", "--run-dir", "{run}", "-o", "{run}/state.json"],
+    "synapse eval --plot text": ["synapse", "eval", "{syn}", "--text", "{text}", "--plot", "{text}"],
+    "synapse train -o config": ["synapse", "train", "--config", "{cfg}", "-o", "{cfg}"],
 }
 
 
@@ -100,7 +124,7 @@ def test_no_verb_overwrites_its_input(kit, tmp_path, case):
     root = tmp_path / "kit"
     shutil.copytree(kit, root)  # copied, not written by birdbone: this test's command did not make them
     subs = {"m": root / "m.gguf", "m32": root / "m32.gguf", "hf": root / "hf", "im": root / "im.gguf", "plan": root / "plan.json",
-            "text": root / "text.txt", "recipe": root / "recipe.yaml", "prune_cfg": root / "prune.yaml", "organs": root / "organs",
+            "text": root / "text.txt", "recipe": root / "recipe.yaml", "prune_cfg": root / "prune.yaml", "cfg": root / "cfg.yaml", "organs": root / "organs",
             "organ_file": organ_file(root), "run": root / "run", "syn": root / "syn", "usage": root / "usage", "tmp": tmp_path}
     plan = json.loads((root / "plan.json").read_text())
     assert plan["imatrix"]
@@ -112,3 +136,71 @@ def test_no_verb_overwrites_its_input(kit, tmp_path, case):
     assert isinstance(r.exception, BirdboneError), (r.exception, r.output)
     assert "\n" not in str(r.exception)
     assert sha_tree(root) == before  # every input intact, nothing added beside them
+
+
+# -- the table covers every verb's signature ---------------------------------------------------
+
+OUTPUT_FLAGS = ("--out", "--csv", "--html", "--plot")
+NAMED_BY_STRING = ("--recipe", "--parent")  # str options that name a file (a built-in name is the other choice)
+
+
+def commands():
+    import typer
+
+    def walk(c, words=()):
+        if hasattr(c, "commands"):
+            for name, sub in c.commands.items():
+                yield from walk(sub, (*words, name))
+        else:
+            yield " ".join(words), c
+
+    return dict(walk(typer.main.get_command(app)))
+
+
+def flag(p) -> str:
+    return next((o for o in p.opts if o.startswith("--")), p.name)
+
+
+def path_params(c) -> list:
+    """The parameters of a command that name a file or folder: Path-typed ones, the model arguments
+    (a path or ``builtin``), and the string options that name a file."""
+    import typing
+
+    hints = typing.get_type_hints(c.callback)
+    return [p for p in c.params if "Path" in str(hints.get(p.name)) or flag(p) in NAMED_BY_STRING
+            or (p.param_type_name == "argument" and hints.get(p.name) in (str, list[str]))]
+
+
+def required_pairs() -> set[tuple[str, str, str]]:
+    """(verb, output flag, input parameter) for every verb that writes and every input it reads."""
+    pairs = set()
+    for verb, c in commands().items():
+        params = [flag(p) for p in path_params(c)]
+        outs = [f for f in params if f in OUTPUT_FLAGS]
+        pairs |= {(verb, o, i) for o in outs for i in params if i not in OUTPUT_FLAGS}
+    return pairs
+
+
+def covered_pairs(subs: dict[str, str]) -> set[tuple[str, str, str]]:
+    """What the cases point at: an output flag whose value is an input parameter's path, or a path inside it."""
+    cmds, pairs = commands(), set()
+    for argv in CASES.values():
+        words = 2 if f"{argv[0]} {argv[1]}" in cmds else 1
+        verb, c = " ".join(argv[:words]), cmds[" ".join(argv[:words])]
+        values = c.make_context(verb, [a.format(**subs) for a in argv[words:]], resilient_parsing=True).params
+        by_flag = {flag(p): values.get(p.name) for p in path_params(c)}
+        for o in OUTPUT_FLAGS:
+            target = str(by_flag.get(o) or "")
+            for i, v in by_flag.items():
+                named = [str(x) for x in (v if isinstance(v, (list, tuple)) else [v]) if x]
+                if target and i not in OUTPUT_FLAGS and any(target == n or target.startswith(n + "/") for n in named):
+                    pairs.add((verb, o, i))
+    return pairs
+
+
+def test_the_table_covers_every_input_of_every_verb_that_writes():
+    subs = {k: f"/kit/{k}" for k in ("m", "m32", "hf", "im", "plan", "text", "recipe", "prune_cfg", "cfg", "organs", "organ_file", "run", "syn",
+                                     "usage", "tmp")}
+    subs["organ_file"] = "/kit/organs/blk.0/attn_q.weight.bin"
+    missing = sorted(required_pairs() - covered_pairs(subs))
+    assert not missing, f"no case points an output at these inputs: {missing}"

@@ -22,6 +22,7 @@ from gguf.constants import GGUFValueType
 from birdbone.anatomy.manifest import Manifest, load_manifest
 from birdbone.io.atomic import check_output
 from birdbone.io.errors import BirdboneError, InputError
+from birdbone.io.inputs import note_input
 from birdbone.io.gguf_layout import CHUNK, KV, Layout, TensorEntry, write_layout
 from birdbone.io.progress import Progress, tick
 from birdbone.io.report import Line, mib
@@ -139,6 +140,7 @@ def assemble_model(organ_dir: str | Path, out: str | Path, accept_edits: bool = 
     from birdbone.anatomy.validate import validate as validate_file
     from birdbone.io.hashing import file_sha256
 
+    note_input(text)  # known before any output is written, so none lands on it
     size = parse_size(split_max_size) if isinstance(split_max_size, str) else split_max_size
     res = assemble(organ_dir, out, accept_edits, size, tick(progress, "assemble"))
     source = load_manifest(organ_dir).data["source"]
