@@ -251,13 +251,18 @@ def aborting(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("verb", [["quantize", "-o", "{tmp}/q.gguf", "--type", "Q8_0"], ["generate", "--prompt", "hi", "-n", "2"],
-                                  ["eval", "--tokens", "64", "--ctx", "32"], ["dissect-assemble"]])
+                                  ["eval", "--tokens", "64", "--ctx", "32"], ["dissect-assemble"], ["dissect-assemble", "--no-validate"],
+                                  ["dissect-graft", "--no-validate"]])
 def test_a_file_llama_cpp_aborts_on_is_a_one_line_error(aborting, tmp_path, verb):
     from tests.test_cli import birdbone
 
-    if verb == ["dissect-assemble"]:
+    if verb[0].startswith("dissect-"):  # the file is written by us from a user's organ folder, then evaluated
         birdbone("dissect", aborting, "-o", tmp_path / "organs")
-        p = birdbone("assemble", tmp_path / "organs", "-o", tmp_path / "a.gguf", check=False)
+        text = tmp_path / "t.txt"
+        text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+        write = (["assemble", tmp_path / "organs"] if verb[0] == "dissect-assemble" else
+                 ["graft", "--base", tmp_path / "organs", "--donor", aborting, "--tensors", "output_norm.weight"])
+        p = birdbone(*write, "-o", tmp_path / "a.gguf", *verb[1:], "--text", text, check=False)
     else:
         p = birdbone(verb[0], aborting, *[a.format(tmp=tmp_path) for a in verb[1:]], check=False)
     lines = [line for line in p.stderr.splitlines() if line.strip()]

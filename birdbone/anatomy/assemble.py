@@ -137,7 +137,7 @@ def assemble_model(organ_dir: str | Path, out: str | Path, accept_edits: bool = 
                    validate: bool = True, text: str | Path | None = None, threads: int | None = None,
                    progress: Progress | None = None) -> AssembleReport:
     """``birdbone assemble``: the organ folder back as a GGUF, checked in llama.cpp, optionally evaluated on ``text``."""
-    from birdbone.anatomy.validate import validate as validate_file
+    from birdbone.anatomy.validate import check_written
     from birdbone.io.hashing import file_sha256
 
     note_input(text)  # known before any output is written, so none lands on it
@@ -145,7 +145,7 @@ def assemble_model(organ_dir: str | Path, out: str | Path, accept_edits: bool = 
     res = assemble(organ_dir, out, accept_edits, size, tick(progress, "assemble"))
     source = load_manifest(organ_dir).data["source"]
     identical = len(res.outputs) == 1 and file_sha256(res.outputs[0]) == source["sha256"]
-    report = AssembleReport(res, identical, validate_file(res.outputs[0], None, threads=threads).as_dict() if validate else None)
+    report = AssembleReport(res, identical, check_written(res.outputs[0], validate, text is not None, threads))
     if text is not None:
         from birdbone.evaluate.compare import EvalConfig, evaluate
 

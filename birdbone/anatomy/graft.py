@@ -144,10 +144,10 @@ def graft_model(base: str | Path, donor: str | Path, out: str | Path, layers: st
     """``birdbone graft``: the donor's selected organs in the base, checked in llama.cpp, optionally
     evaluated against the base on ``text`` (an organ-folder base has no file to compare with)."""
     note_input(text)  # known before any output is written, so none lands on them
-    from birdbone.anatomy.validate import validate as validate_file
+    from birdbone.anatomy.validate import check_written
 
     res = graft(base, donor, out, layers, roles, tensors, convert, tick(progress, "graft"))
-    report = GraftReport(res, validate_file(res.out, None, threads=threads).as_dict() if validate else None)
+    report = GraftReport(res, check_written(res.out, validate, text is not None, threads))
     if text is not None:
         from birdbone.evaluate.compare import EvalConfig, evaluate
 

@@ -43,3 +43,16 @@ def validate(path: str | Path, source: str | Path | None = None, n_tokens: int =
         if not same:
             raise BirdboneError(f"{path}: greedy tokens or logits differ from the source {source}")
     return v
+
+
+def check_written(path: Path, validate_it: bool, loads_next: bool, threads: int | None = None) -> dict | None:
+    """What assemble and graft do with a file they wrote from a user's organs: validate it in
+    llama.cpp; or, unvalidated but about to be loaded in this process (``--text``), at least make
+    sure llama.cpp will not abort on its header (a forged manifest's ``block_count`` 0 would)."""
+    if validate_it:
+        return validate(path, None, threads=threads).as_dict()
+    if loads_next:
+        from birdbone.io.llama import probe_loadable
+
+        probe_loadable(path, force=True)
+    return None
