@@ -357,3 +357,44 @@ def test_a_path_the_file_system_refuses(tmp_path):
     from birdbone.io.model_file import open_model
 
     refused(lambda: open_model(tmp_path / ("x" * 300)), "not a usable path")
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tiny, tmp_path_factory):
+    """A finished prune run and a synapse run of the tiny model, to damage and resume."""
+    from tests.kill_targets import PRUNE_SETS, SYNAPSE_SETS
+    from tests.test_cli import birdbone
+
+    root = tmp_path_factory.mktemp("runs")
+    birdbone("prune", tiny.gguf_f32, *PRUNE_SETS, "--run-dir", root / "prune", "-o", root / "p.gguf")
+    birdbone("synapse", "train", *SYNAPSE_SETS, "-o", root / "syn")
+    return root
+
+
+# (run, file, its damaged text): resuming must say which file is damaged, in one line
+DAMAGED_STATES = {
+    "prune state not an object": ("prune", "state.json", "[1, 2]"),
+    "prune waves a string": ("prune", "state.json", '{"waves": "2", "phase": "done", "breaches": 0, "rollback_left": 0, "rollback_of": 0}'),
+    "prune waves a boolean": ("prune", "state.json", '{"waves": true, "phase": "done", "breaches": 0, "rollback_left": 0, "rollback_of": 0}'),
+    "prune phase missing": ("prune", "state.json", '{"waves": 2, "breaches": 0, "rollback_left": 0, "rollback_of": 0}'),
+    "prune metrics line garbage": ("prune", "metrics.jsonl", '{"wave": 0}\nnot json\n'),
+    "prune metrics row without its wave": ("prune", "metrics.jsonl", '{"density": 1.0}\n'),
+    "synapse step a string": ("syn", "state.json", '{"step": "4"}'),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_STATES)
+def test_resuming_a_damaged_run_folder_is_one_line(finished_runs, tiny, tmp_path, case):
+    from typer.testing import CliRunner
+
+    from birdbone.cli import app
+    from tests.kill_targets import PRUNE_SETS, SYNAPSE_SETS
+
+    run, name, text = DAMAGED_STATES[case]
+    shutil.copytree(finished_runs / run, tmp_path / run)
+    (tmp_path / run / name).write_text(text)
+    argv = (["prune", str(tiny.gguf_f32), *PRUNE_SETS, "--run-dir", str(tmp_path / run), "-o", str(tmp_path / "p.gguf")] if run == "prune"
+            else ["synapse", "train", *SYNAPSE_SETS, "-o", str(tmp_path / run)])
+    r = CliRunner().invoke(app, argv)
+    assert isinstance(r.exception, BirdboneError) and "\n" not in str(r.exception), (r.exception, r.output[-2000:])
+    assert "damaged or was edited" in str(r.exception) and not (tmp_path / "p.gguf").exists()

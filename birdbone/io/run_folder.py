@@ -91,6 +91,7 @@ class RunFolder:
                 raise StaleRun(path, f"this run was made by other birdbone code (version {was.get('version')}, source "
                                      f"{str(was.get('source_sha256'))[:12]}) and may not resume to the same bytes; use a new run folder")
             state = read_json(path / STATE_FILE) if (path / STATE_FILE).exists() else dict(initial_state or {})
+            check_state(path, state, initial_state or {})
             return cls(path, kind, identity, state, created=False)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             older = " (made by an earlier birdbone)" if (path / STATE_FILE).exists() or (path / "config.json").exists() else ""
@@ -134,6 +135,38 @@ def reading_run(path: str | Path) -> Iterator[None]:
             raise
         raise InputError(path, f"this run folder is damaged or was edited (it names {shown(str(e.filename))}: {e.strerror}); "
                                "use a new run folder") from None
+
+
+def json_kind(value) -> str:
+    """A JSON value's kind, bool apart from number (an edited ``"waves": true`` is not a count)."""
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(type(value), "null")
+
+
+def check_state(path: Path, state, initial: dict) -> None:
+    """A resumed state holds every key its kind starts with, each of the same JSON kind: so the
+    kind's resume code meets what it wrote, and an edited state is one line, not a traceback."""
+    if not isinstance(state, dict):
+        raise InputError(path / STATE_FILE, "is damaged or was edited (not a JSON object); use a new run folder")
+    for key, first in initial.items():
+        if key not in state or json_kind(state[key]) != json_kind(first):
+            raise InputError(path / STATE_FILE, f"is damaged or was edited ({key}: {shown(state.get(key))}, "
+                                                f"expected a {json_kind(first)}); use a new run folder")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a run's JSON-lines log (metrics, lineage); a damaged line names the file."""
+    rows = []
+    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if not isinstance(row, dict):
+            raise InputError(path, f"is damaged or was edited (line {k} is not a JSON object); use a new run folder")
+        rows.append(row)
+    return rows
 
 
 def read_run(path: str | Path) -> dict:

@@ -48,7 +48,7 @@ from birdbone.io.config import config_dict
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.hashing import file_sha256
 from birdbone.io.model_file import open_model, resolve_model_path
-from birdbone.io.run_folder import RunFolder, sha256_text
+from birdbone.io.run_folder import RunFolder, read_jsonl, reading_run, sha256_text
 from birdbone.io.runtime import tokenize_texts
 from birdbone.remodel.config import HealConfig, PruneConfig, StopLoss
 from birdbone.remodel.heal import heal, hidden_states, set_weights, token_batches
@@ -96,8 +96,9 @@ class Run:
     @property
     def metrics(self) -> list[dict]:
         path = self.folder / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        return [m for m in rows if m["wave"] <= self.state.waves]  # rows past the committed state were never committed
+        rows = read_jsonl(path) if path.exists() else []
+        with reading_run(self.folder):  # a row without its wave number was edited
+            return [m for m in rows if m["wave"] <= self.state.waves]  # rows past the committed state were never committed
 
     def commit(self, metrics: dict) -> None:
         """The wave's metrics row, then the state: the commit point (its history file is already written)."""
@@ -451,6 +452,7 @@ def prune_model(model: str | Path, out: str | Path, run_dir: str | Path, cfg: Pr
     from birdbone.evaluate.compare import EvalConfig, evaluate
 
     run = run_prune(model, run_dir, cfg, text, progress)
+    metrics = run.metrics  # read before the export, so a damaged log writes nothing
     res = export(run_dir, out, None, out_type, tick(progress, "export"))
     ecfg = EvalConfig(ctx=cfg.eval_ctx, tokens=cfg.eval_tokens, decode=0, canary_tokens=0, threads=threads)
-    return PruneReport(Path(run_dir), run.metrics, res, evaluate(out, model, Path(run_dir) / "heldout.txt", ecfg, progress))
+    return PruneReport(Path(run_dir), metrics, res, evaluate(out, model, Path(run_dir) / "heldout.txt", ecfg, progress))

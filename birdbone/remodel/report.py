@@ -24,10 +24,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise InputError(Path(run_dir), "not a prune run folder (no metrics.jsonl)")
-    from birdbone.io.run_folder import reading_run
+    from birdbone.io.run_folder import read_jsonl
 
-    with reading_run(run_dir):
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def log_wave(run_dir: str | Path, metrics: list[dict]) -> None:

@@ -9,7 +9,6 @@ only memory that reaches beyond the attention window.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 
 from birdbone.io.errors import InputError
 from birdbone.io.inputs import note_folder_files, note_input, read_json
+from birdbone.io.run_folder import read_jsonl
 from birdbone.synapse.model import SynapticGPT
 from birdbone.io.text import split_holdout
 from birdbone.synapse.train import TrainConfig, encode, load_tokenizer, load_weights, read_config, recall_text
@@ -180,7 +180,7 @@ def moe_summary(run: LoadedRun, dead_share_of_fair: float = 0.1) -> dict:
     rejected splits and merges the lineage holds, and their rates per 1000 training steps and per
     metabolism round (a round per layer every ``splitmerge_every`` steps)."""
     lineage = run.path / "lineage.jsonl"
-    events = [json.loads(line) for line in lineage.read_text().splitlines() if line.strip()] if lineage.exists() else []
+    events = read_jsonl(lineage) if lineage.exists() else []
     counts = {kind: sum(e["event"] == kind for e in events) for kind in ("split", "split rejected", "merge")}
     layers = run.model.expert_layers()
     loads = [layer.load.tolist() for layer in layers]
@@ -229,7 +229,7 @@ def evaluate_run(run_dir: str | Path, text: str | Path | None = None, windows_li
     report["passkey_inside"] = float(np.mean(inside)) if inside else None
     report["passkey_beyond"] = float(np.mean(beyond)) if beyond else None
     report["recall_accuracy"] = associative_recall(run, held, 10 * trials)
-    metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_jsonl(run.path / "metrics.jsonl")
     report["train_tok_s"] = metrics[-1].get("train_tok_s") if metrics else None
     report["moe"] = moe_summary(run) if run.cfg.model.moe else None
     report["weights_unchanged"] = weights_hash(run.model) == before
