@@ -4,9 +4,9 @@
 * GGUF -> Hugging Face folder: transformers' GGUF loading, then ``save_pretrained`` (safetensors)
   with the tokenizer transformers rebuilds from the GGUF.
 * GGUF -> ``.safetensors`` file: the weights only, under Hugging Face names.
-* safetensors / HF folder -> GGUF: a GGUF needs tokenizer and architecture metadata the
-  safetensors side does not have, so they come from ``like`` (a GGUF of the same
-  architecture and shapes, llama family); without it the conversion refuses.
+* safetensors / HF folder -> GGUF: the metadata from config.json by the family table and the
+  vocabulary from tokenizer.json (:mod:`birdbone.bridge.from_hf`), or every key from ``like``
+  (a GGUF of the same architecture and shapes).
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def _to_gguf(src: Path, src_format: str, out: Path, out_type: str, like, progres
             raise BirdboneError("--like is for safetensors / HF input; a GGUF carries its own metadata")
         with open_model(src) as m:
             return write_like(m, out, {n: (lambda n=n: m.tensor(n)) for n in m.tensors}, out_type, progress=cb)
-    if like is None:
-        raise BirdboneError(f"{src}: GGUF output from {src_format} needs tokenizer and architecture metadata; "
-                            "pass --like PARENT.gguf (a GGUF of the same llama-family model)")
+    if like is None:  # metadata from config.json, the vocabulary from tokenizer.json
+        from birdbone.bridge.from_hf import hf_to_gguf
+
+        return hf_to_gguf(src, out, out_type, cb)
     like_path = resolve_model_path(like)
     with open_model(src) as m, open_model(like_path) as parent:
         if parent.format != "gguf":

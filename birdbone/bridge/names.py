@@ -13,13 +13,11 @@ import numpy as np
 from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
 from gguf.tensor_mapping import get_tensor_name_map
 
+from birdbone.bridge.families import ARCHS, family_of_arch
 from birdbone.io.errors import BirdboneError
 
-# Architectures whose GGUF q/k rows are permuted relative to Hugging Face (convert_hf_to_gguf).
-PERMUTED_QK = {"llama", "mistral", "deci"}
-# The llama family: the torch bridge's round trip is tested on it. Other architectures need
-# their own name and permutation checks before birdbone writes them (it refuses until then).
-SUPPORTED = {"llama", "mistral", "deci"}
+# GGUF architectures whose q/k rows are permuted relative to Hugging Face (the family table's word)
+PERMUTED_QK = {arch for arch, f in ARCHS.items() if f.permuted_qk}
 
 
 def _arch_enum(arch: str) -> MODEL_ARCH:
@@ -30,8 +28,7 @@ def _arch_enum(arch: str) -> MODEL_ARCH:
 
 
 def check_supported(arch: str) -> None:
-    if arch not in SUPPORTED:
-        raise BirdboneError(f"the torch bridge supports the llama family ({', '.join(sorted(SUPPORTED))}); {arch!r} is not supported yet")
+    family_of_arch(arch)
 
 
 @lru_cache(maxsize=32)

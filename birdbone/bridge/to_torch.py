@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def load_causal_lm(model: str | Path):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(model)
@@ -40,9 +40,13 @@ def load_causal_lm(model: str | Path):
                     from birdbone.bridge.shaped import load_shaped_lm
 
                     return load_shaped_lm(path)
+                head_dim = m.meta(f"{m.architecture}.attention.key_length")
             # transformers' GGUF loader draws a tqdm bar on stderr whatever its settings say
             with contextlib.redirect_stderr(io.StringIO()):
-                lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+                config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+                if head_dim:  # a head width of its own (qwen3): transformers' GGUF mapping does not read it
+                    config.head_dim = int(head_dim)
+                lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32)
             _drop_gguf_marker(lm)
         elif path.is_dir():
             lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)

@@ -77,39 +77,47 @@ def _encode(arr: np.ndarray, qtype: GGMLQuantizationType, name: str) -> np.ndarr
     return quantize_tensor(arr, qtype, name=name).data
 
 
+def float_specs(tensors: dict[str, np.ndarray | Callable[[], np.ndarray]], out_type: str,
+                shapes: dict[str, tuple[int, ...]] | None = None) -> list[TensorSpec]:
+    """Float tensors (arrays or loaders) as specs in ``out_type``, in the order given: 1-D tensors
+    (norms, biases) stay F32, as llama.cpp's converter keeps them; a shape other than ``shapes``
+    says, or NaN or Inf, is refused when its turn comes (before the file appears)."""
+    from birdbone.io.types import tensor_type
+
+    qtype = tensor_type(out_type.upper())
+    specs = []
+    for name, src in tensors.items():
+        shape = shapes[name] if shapes is not None else np.shape(src)
+        t = GGMLQuantizationType.F32 if len(shape) == 1 else qtype
+
+        def load(src=src, name=name, shape=shape, t=t):
+            arr = np.asarray(src() if callable(src) else src, dtype=np.float32)
+            if arr.shape != tuple(shape):
+                raise BirdboneError(f"{name}: shape {arr.shape} differs from the parent's {tuple(shape)}")
+            if not np.isfinite(arr).all():
+                raise BirdboneError(f"{name}: holds NaN or Inf; refusing to write it")
+            return _encode(arr, t, name)
+
+        specs.append(TensorSpec(name, tuple(shape), t, load))
+    return specs
+
+
 def write_like(parent, out: str | Path, tensors: dict[str, np.ndarray | Callable[[], np.ndarray]],
                out_type: str = "F16", metadata_updates: dict | None = None,
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Write ``tensors`` (GGUF names -> float arrays or loaders) with ``parent``'s metadata and order
     (``parent``: a GGUF :class:`~birdbone.io.model_file.ModelFile`). 1-D tensors (norms, biases) stay
     F32, as llama.cpp's converter keeps them; NaN or Inf is refused before anything is written."""
-    from birdbone.io.types import tensor_type
-
     if parent.format != "gguf":
         raise BirdboneError(f"{parent.path}: the metadata parent must be a GGUF")
     out_type = out_type.upper()
     if out_type not in FILE_TYPE_OF:
         raise BirdboneError(f"output type {out_type!r}: choose one of {', '.join(FILE_TYPE_OF)}")
-    qtype = tensor_type(out_type)
     missing = [n for n in parent.tensors if n not in tensors]
     extra = [n for n in tensors if n not in parent.tensors]
     if missing or extra:
         raise BirdboneError(f"tensors do not match the parent {parent.path.name}: missing {missing[:5]}, unexpected {extra[:5]}")
-    specs = []
-    for name, info in parent.tensors.items():
-        src = tensors[name]
-        t = GGMLQuantizationType.F32 if len(info.shape) == 1 else qtype
-
-        def load(src=src, name=name, info=info, t=t):
-            arr = src() if callable(src) else src
-            arr = np.asarray(arr, dtype=np.float32)
-            if arr.shape != info.shape:
-                raise BirdboneError(f"{name}: shape {arr.shape} differs from the parent's {info.shape}")
-            if not np.isfinite(arr).all():
-                raise BirdboneError(f"{name}: holds NaN or Inf; refusing to write it")
-            return _encode(arr, t, name)
-
-        specs.append(TensorSpec(name, info.shape, t, load))
+    specs = float_specs({n: tensors[n] for n in parent.tensors}, out_type, {n: info.shape for n, info in parent.tensors.items()})
     meta = copy_metadata(parent.metadata)
     meta["general.file_type"] = (FILE_TYPE_OF[out_type], GGUFValueType.UINT32, None)
     for key, val in (metadata_updates or {}).items():

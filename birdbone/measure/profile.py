@@ -88,11 +88,12 @@ class _Recorder:
     def __init__(self, lm, eps: float, process_output: bool, gradients: bool):
         import torch
 
+        from birdbone.bridge.families import family_of_lm
         from birdbone.bridge.names import hf_to_gguf_name
 
         self.lm, self.eps, self.gradients = lm, eps, gradients
         cfg = lm.config
-        self.arch = getattr(cfg, "model_type", "llama")
+        self.arch = family_of_lm(lm).arch
         self.n_layers = cfg.num_hidden_layers
         self.n_head = cfg.num_attention_heads
         self.n_head_kv = getattr(cfg, "num_key_value_heads", None) or self.n_head

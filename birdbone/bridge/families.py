@@ -1,0 +1,74 @@
+"""The model families the torch bridge knows, as data: one row per Hugging Face ``model_type``.
+
+Each row says what llama.cpp's own converter (``convert_hf_to_gguf.py``) does for that family and
+what the bridge must do alike, both ways:
+
+* ``arch``: the ``general.architecture`` llama.cpp loads it under (Mistral is written as llama);
+* ``permuted_qk``: q/k rows interleaved for llama.cpp's rope (the llama family only);
+  transformers undoes it on GGUF load, so writing back applies it again;
+* ``attn_bias``: q/k/v carry biases (qwen2), stored as F32 ``attn_{q,k,v}.bias``;
+* ``qk_norm``: per-head RMS norms on q and k (qwen3), ``attn_{q,k}_norm.weight``;
+* ``head_dim_keys``: the head width is its own hyper-parameter, written as
+  ``attention.key_length`` / ``value_length`` (qwen3 decouples it from hidden / heads).
+
+Tensor names come from gguf-py's own table (:mod:`birdbone.bridge.names`). Families llama.cpp
+runs but the bridge does not handle yet are listed in :data:`NOT_YET` with what stands in the way,
+so a user gets that one line, not a wrong file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from birdbone.io.errors import BirdboneError
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # config.json's model_type
+    arch: str  # GGUF general.architecture
+    hf_class: str  # the transformers class (config.json's architectures[0])
+    permuted_qk: bool = False
+    attn_bias: bool = False
+    qk_norm: bool = False
+    head_dim_keys: bool = False
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("llama", "llama", "LlamaForCausalLM", permuted_qk=True),
+    Family("mistral", "llama", "MistralForCausalLM", permuted_qk=True),
+    Family("qwen2", "qwen2", "Qwen2ForCausalLM", attn_bias=True),
+    Family("qwen3", "qwen3", "Qwen3ForCausalLM", qk_norm=True, head_dim_keys=True),
+)}
+# GGUF architectures the bridge reads and writes: every family's, and deci (per-layer widths, bridge/shaped.py)
+ARCHS = {f.arch: f for f in reversed(FAMILIES.values())} | {"deci": FAMILIES["llama"]}
+NOT_YET = {
+    "gemma2": "its norms store weight + 1 and its logits are soft-capped",
+    "gemma3": "its norms store weight + 1 and it alternates sliding and global attention",
+    "phi3": "its q/k/v and gate/up projections are fused into one tensor each",
+}
+
+
+def supported_list() -> str:
+    return ", ".join(sorted(FAMILIES))
+
+
+def family_of_arch(arch: str) -> Family:
+    """The family of a GGUF architecture; a one-line error naming the supported ones otherwise."""
+    if arch in ARCHS:
+        return ARCHS[arch]
+    why = f" ({NOT_YET[arch]})" if arch in NOT_YET else ""
+    raise BirdboneError(f"the torch bridge supports {supported_list()}; {arch!r} is not supported yet{why}")
+
+
+def family_of_model_type(model_type: str | None) -> Family:
+    """The family of a Hugging Face config's ``model_type``."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    why = f" ({NOT_YET[model_type]})" if model_type in NOT_YET else ""
+    raise BirdboneError(f"the torch bridge supports {supported_list()}; model_type {model_type!r} is not supported yet{why}")
+
+
+def family_of_lm(lm) -> Family:
+    """The family of a loaded transformers model (a structured model is a llama)."""
+    return family_of_model_type(getattr(lm.config, "model_type", None))

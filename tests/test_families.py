@@ -1,0 +1,119 @@
+"""The family battery: one row per model family of the bridge's table (birdbone/bridge/families.py),
+each a tiny random Hugging Face model built from a transformers config (nothing downloaded), put
+through every verb that crosses between torch and llama.cpp."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from birdbone.bridge.families import FAMILIES
+from birdbone.io.errors import BirdboneError
+from tests.fixtures.tiny import FAMILY_CONFIGS, make_tiny_family
+from tests.test_bridge import llama_vs_torch
+
+ROWS = sorted(FAMILY_CONFIGS)
+SMALL = ["--set", "heal.batch=2", "--set", "heal.seq=32", "--set", "eval_tokens=256", "--set", "eval_ctx=64", "--set", "calibration_tokens=256"]
+
+
+def test_every_family_of_the_table_has_a_row():
+    assert sorted(FAMILIES) == ROWS
+
+
+@pytest.fixture(scope="module", params=ROWS)
+def family(request, tmp_path_factory):
+    """(model_type, HF folder, the torch model, its GGUF in F32 written without --like)."""
+    from birdbone.bridge.convert import convert
+
+    root = tmp_path_factory.mktemp(request.param)
+    hf, model = make_tiny_family(root, request.param)
+    convert(hf, root / "m.gguf", "F32")
+    return request.param, hf, model, root / "m.gguf"
+
+
+def tensors(path) -> dict[str, bytes]:
+    from birdbone.io.model_file import open_model
+
+    with open_model(path) as m:
+        return {n: m.raw(n).tobytes() for n in m.tensors}
+
+
+def test_convert_without_like_runs_in_llama_cpp_as_in_transformers(family):
+    from birdbone.io.model_file import open_model
+
+    model_type, hf, model, gguf = family
+    max_abs, kl_mean, kl_max = llama_vs_torch(gguf, model)
+    assert max_abs < 5e-3 and kl_mean < 1e-6 and kl_max < 1e-5, (model_type, max_abs, kl_mean, kl_max)
+    with open_model(gguf) as m:
+        assert m.architecture == FAMILIES[model_type].arch
+        assert ("output.weight" in m.tensors) == (not model.config.tie_word_embeddings)
+        assert ("blk.0.attn_q.bias" in m.tensors) == FAMILIES[model_type].attn_bias
+        assert ("blk.0.attn_q_norm.weight" in m.tensors) == FAMILIES[model_type].qk_norm
+
+
+def test_gguf_torch_gguf_is_bit_exact(family, tmp_path):
+    from birdbone.bridge import load_causal_lm, state_dict_to_gguf
+    from birdbone.bridge.convert import convert
+    from birdbone.bridge.torch_eval import state_dict_numpy
+    from birdbone.io.model_file import open_model
+
+    model_type, hf, model, gguf = family
+    lm = load_causal_lm(gguf)
+    for k, v in model.state_dict().items():  # transformers' GGUF loader gives back the model that was written
+        np.testing.assert_array_equal(v.numpy(), lm.state_dict()[k].numpy(), err_msg=f"{model_type} {k}")
+    with open_model(gguf) as parent:
+        state_dict_to_gguf(state_dict_numpy(lm), parent, tmp_path / "back.gguf", "F32")
+    assert tensors(tmp_path / "back.gguf") == tensors(gguf)
+    # and through a Hugging Face folder and back, in F16
+    convert(gguf, tmp_path / "hf", "F32")
+    convert(tmp_path / "hf", tmp_path / "f16.gguf", "F16")
+    convert(hf, tmp_path / "direct-f16.gguf", "F16")
+    assert tensors(tmp_path / "f16.gguf") == tensors(tmp_path / "direct-f16.gguf")
+
+
+def test_profile_gives_an_imatrix_llama_cpp_quantizes_with(family, tmp_path):
+    from tests.test_cli import birdbone
+
+    model_type, hf, model, gguf = family
+    birdbone("profile", gguf, "--ctx", "64", "--tokens", "256", "-o", tmp_path / "usage")
+    birdbone("quantize", gguf, "--type", "Q8_0", "--imatrix", tmp_path / "usage" / "imatrix.gguf", "-o", tmp_path / "q.gguf")
+    r = json.loads(birdbone("eval", tmp_path / "q.gguf", "--parent", gguf, "--tokens", "128", "--ctx", "64", "--json").stdout)
+    assert 0 < r["kld"]["mean"] < 0.05, r["kld"]
+
+
+def test_a_healed_prune_wave_reverts_bit_exact(family, tmp_path):
+    from tests.test_cli import birdbone
+
+    model_type, hf, model, gguf = family
+    birdbone("prune", gguf, "--target-density", "0.8", "--score", "magnitude", "--heal-steps", "2", *SMALL, "--type", "F32",
+             "--run-dir", tmp_path / "run", "-o", tmp_path / "p.gguf")
+    pruned, source = tensors(tmp_path / "p.gguf"), tensors(gguf)
+    assert pruned.keys() == source.keys() and pruned != source
+    birdbone("revert", tmp_path / "run", "--to-wave", "0", "--type", "F32", "-o", tmp_path / "w0.gguf")
+    assert tensors(tmp_path / "w0.gguf") == source
+
+
+def test_a_greedy_budget_plan_runs_in_llama_cpp(family, tmp_path):
+    from tests.test_cli import birdbone
+
+    model_type, hf, model, gguf = family
+    birdbone("profile", gguf, "--ctx", "64", "--tokens", "256", "-o", tmp_path / "usage")
+    birdbone("budget", gguf, "--usage", tmp_path / "usage", "--method", "greedy", "--target-bpw", "6", "--set", "sensitivity.val_tokens=128",
+             "--set", "sensitivity.val_ctx=64", "--set", "sensitivity.seq=32", "-o", tmp_path / "plan.json")
+    birdbone("quantize", gguf, "--plan", tmp_path / "plan.json", "-o", tmp_path / "q.gguf")
+    r = json.loads(birdbone("generate", tmp_path / "q.gguf", "-p", "First Citizen:", "-n", "4", "--json").stdout)
+    assert r["tokens"] == 4, r
+
+
+def test_a_family_outside_the_table_is_one_line(tmp_path):
+    from birdbone.bridge.convert import convert
+
+    hf, _ = make_tiny_family(tmp_path, "qwen2")
+    config = json.loads((hf / "config.json").read_text())
+    config["model_type"] = "gemma2"
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BirdboneError, match=r"supports llama, mistral, qwen2, qwen3; model_type 'gemma2' is not supported yet \(its norms"):
+        convert(hf, tmp_path / "x.gguf", "F32")
+    assert not (tmp_path / "x.gguf").exists()
