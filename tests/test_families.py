@@ -33,6 +33,16 @@ def family(request, tmp_path_factory):
     return request.param, hf, model, root / "m.gguf"
 
 
+@pytest.fixture(scope="module")
+def usage(family, tmp_path_factory):
+    """The family's usage profile (activations and imatrix), made once for the tests that read it."""
+    from tests.test_cli import birdbone
+
+    out = tmp_path_factory.mktemp("usage") / "usage"
+    birdbone("profile", family[3], "--ctx", "64", "--tokens", "256", "-o", out)
+    return out
+
+
 def tensors(path) -> dict[str, bytes]:
     from birdbone.io.model_file import open_model
 
@@ -73,12 +83,11 @@ def test_gguf_torch_gguf_is_bit_exact(family, tmp_path):
     assert tensors(tmp_path / "f16.gguf") == tensors(tmp_path / "direct-f16.gguf")
 
 
-def test_profile_gives_an_imatrix_llama_cpp_quantizes_with(family, tmp_path):
+def test_profile_gives_an_imatrix_llama_cpp_quantizes_with(family, usage, tmp_path):
     from tests.test_cli import birdbone
 
     model_type, hf, model, gguf = family
-    birdbone("profile", gguf, "--ctx", "64", "--tokens", "256", "-o", tmp_path / "usage")
-    birdbone("quantize", gguf, "--type", "Q8_0", "--imatrix", tmp_path / "usage" / "imatrix.gguf", "-o", tmp_path / "q.gguf")
+    birdbone("quantize", gguf, "--type", "Q8_0", "--imatrix", usage / "imatrix.gguf", "-o", tmp_path / "q.gguf")
     r = json.loads(birdbone("eval", tmp_path / "q.gguf", "--parent", gguf, "--tokens", "128", "--ctx", "64", "--json").stdout)
     assert 0 < r["kld_mean"] < 0.05, r
 
@@ -95,13 +104,12 @@ def test_a_healed_prune_wave_reverts_bit_exact(family, tmp_path):
     assert tensors(tmp_path / "w0.gguf") == source
 
 
-def test_a_greedy_budget_plan_runs_in_llama_cpp(family, tmp_path):
+def test_a_greedy_budget_plan_runs_in_llama_cpp(family, usage, tmp_path):
     from birdbone.io.model_file import open_model
     from tests.test_cli import birdbone
 
     model_type, hf, model, gguf = family
-    birdbone("profile", gguf, "--ctx", "64", "--tokens", "256", "-o", tmp_path / "usage")
-    birdbone("budget", gguf, "--usage", tmp_path / "usage", "--method", "greedy", "--target-bpw", "6", "--set", "sensitivity.val_tokens=128",
+    birdbone("budget", gguf, "--usage", usage, "--method", "greedy", "--target-bpw", "6", "--set", "sensitivity.val_tokens=128",
              "--set", "sensitivity.val_ctx=64", "--set", "sensitivity.seq=32", "-o", tmp_path / "plan.json")
     birdbone("quantize", gguf, "--plan", tmp_path / "plan.json", "-o", tmp_path / "q.gguf")
     plan = json.loads((tmp_path / "plan.json").read_text())["types"]
@@ -121,3 +129,34 @@ def test_a_family_outside_the_table_is_one_line(tmp_path):
     with pytest.raises(BirdboneError, match=r"supports llama, mistral, qwen2, qwen3; model_type 'gemma2' is not supported yet \(its norms"):
         convert(hf, tmp_path / "x.gguf", "F32")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_structured_pruning_runs_on_the_llama_family_and_refuses_others_in_one_line(family, tmp_path):
+    from birdbone.io.model_file import open_model
+    from tests.test_cli import birdbone
+
+    model_type, hf, model, gguf = family
+    args = ["structure", gguf, "--target", "0.8", "--heal-steps", "1", *SMALL, "--set", "ffn_multiple=16", "--type", "F32",
+            "--run-dir", tmp_path / "run", "-o", tmp_path / "s.gguf"]
+    if FAMILIES[model_type].arch != "llama":  # llama.cpp's per-layer widths (deci) hold llama-family tensors only
+        p = birdbone(*args, check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and f"not {FAMILIES[model_type].arch!r}" in p.stderr, p.stderr
+        return
+    birdbone(*args)
+    with open_model(tmp_path / "s.gguf") as s, open_model(gguf) as m:
+        assert s.n_params < 0.95 * m.n_params
+    r = json.loads(birdbone("generate", tmp_path / "s.gguf", "-p", "First Citizen:", "-n", "4", "--json").stdout)
+    assert r["n_tokens"] == 4 and r["reply"], r
+
+
+def test_compress_passes_its_guardrails(family, tmp_path):
+    """gentle's stages at the tiny model's sizes (tests/kill_targets.TINY_RECIPE): map, profile,
+    healed waves, the greedy budget at Q4_K_M's bytes, export, and the guardrails."""
+    from tests.kill_targets import TINY_RECIPE
+    from tests.test_cli import birdbone
+
+    model_type, hf, model, gguf = family
+    (tmp_path / "tiny.yaml").write_text(TINY_RECIPE)
+    r = json.loads(birdbone("compress", gguf, "-r", tmp_path / "tiny.yaml", "-o", tmp_path / "c.gguf", "--json").stdout)
+    assert r["passed"] is True and all(g["passed"] for g in r["verify"]["guardrails"]), r["verify"]
+    assert list(r["stages"]) == ["map", "profile", "waves", "budget", "export", "verify"]
