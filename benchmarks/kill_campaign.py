@@ -5,7 +5,8 @@ gives its time T and its bytes; then ``--kills`` runs are each killed (SIGKILL t
 process group) at a time drawn uniformly from [0, 1.1 T], and rerun with the same command. Each
 kill is judged:
 
-* ``partial``: the output exists after the kill and fails its completeness check (a defect);
+* ``partial``: the output says it is complete after the kill (a file exists; a run folder's state
+  reached its last step) and fails its completeness check (a defect);
 * ``rerun failed``: the rerun neither succeeds nor refuses a finished folder output (a defect);
 * ``resumed differently``: a writer whose run folder resumes gave other bytes than the uncut run
   (a defect);
@@ -56,7 +57,7 @@ def one_kill(verb: str, inputs: dict, folder: Path, at_s: float, uncut: dict[str
     if with_output:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-    row = {"at_s": round(at_s, 3), "killed": with_output, "finished": out.exists()}
+    row = {"at_s": round(at_s, 3), "killed": with_output, "finished": w.claims_done(out)}
     if row["finished"]:
         try:
             w.check(out)

@@ -34,7 +34,8 @@ budget:
   sensitivity: {val_tokens: 256, val_ctx: 64, passes: 2, seq: 32}
 verify: {tokens: 256, ctx: 64, canary_tokens: 4, decode: 4, max_kld: 0.01, reference: Q4_K_M, reference_slack_pct: 0.5}
 """
-SYNAPSE_SETS = ["--set", "steps=8", "--set", "vocab=300", "--set", "batch=2", "--set", "seq=32", "--set", "model.n_layer=1",
+SYNAPSE_STEPS = 8
+SYNAPSE_SETS = ["--set", f"steps={SYNAPSE_STEPS}", "--set", "vocab=300", "--set", "batch=2", "--set", "seq=32", "--set", "model.n_layer=1",
                 "--set", "model.n_embd=32", "--set", "model.intermediate=48", "--set", "model.rank_eligibility=4", "--set", "eval_every=4",
                 "--set", "eval_windows=2", "--set", "checkpoint_every=2", "--set", "model.hebbian=true", "--set", "model.presynaptic=true"]
 PRUNE_SETS = ["--target-density", "0.6", "--score", "magnitude", "--set", "heal.batch=2", "--set", "heal.seq=32", "--set", "eval_tokens=512",
@@ -67,6 +68,14 @@ def complete_plan(path: Path) -> None:
     read_plan(path)
 
 
+def synapse_done(path: Path) -> bool:
+    """A synapse run folder is there from its first step; it is complete when its state reached the last step."""
+    import json
+
+    state = path / "state.json"
+    return state.exists() and json.loads(state.read_text()).get("step") == SYNAPSE_STEPS
+
+
 def complete_synapse(path: Path) -> None:
     from birdbone.synapse.evaluate import load_run
 
@@ -80,6 +89,7 @@ class Writer:
     check: Callable[[Path], None]
     resumes: bool = False
     compared: tuple[str, ...] = ()  # the files whose bytes a rerun must reproduce (default: all; logs carry times)
+    claims_done: Callable[[Path], bool] = Path.exists  # whether the output says it is complete (a run folder exists mid-run)
 
     def bytes_of(self, out: Path) -> dict[str, str]:
         tree = sha_tree(out)
@@ -97,7 +107,7 @@ WRITERS = {
     "prune": Writer(["prune", "{m32}", *PRUNE_SETS, "--run-dir", "{out}.run", "-o", "{out}"], "pruned.gguf", complete_gguf, resumes=True),
     "compress": Writer(["compress", "{m}", "-r", "{recipe}", "-o", "{out}"], "c.gguf", complete_gguf, resumes=True),
     "synapse train": Writer(["synapse", "train", *SYNAPSE_SETS, "-o", "{out}"], "syn", complete_synapse, resumes=True,
-                            compared=("model.safetensors", "optimizer.safetensors", "tokenizer.json")),
+                            compared=("model.safetensors", "optimizer.safetensors", "tokenizer.json"), claims_done=synapse_done),
 }
 ONE_SHOT = [v for v, w in WRITERS.items() if not w.resumes]
 

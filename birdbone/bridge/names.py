@@ -102,3 +102,31 @@ def qk_rows(lm, arch: str, name: str) -> tuple[int, int] | None:
     if name.endswith("attn_k.weight"):
         return h, kv
     return None
+
+
+def gguf_linears(lm, arch: str) -> dict[str, tuple[str, object]]:
+    """GGUF weight name -> (Hugging Face module name, the ``nn.Linear``), for every linear layer
+    of a transformers model that has a GGUF name (the head is ``output.weight``, tied or not).
+    The one walk of a model's modules that heal, profile and the sensitivities share."""
+    import torch
+
+    n_layers = lm.config.num_hidden_layers
+    out = {}
+    for mod_name, mod in lm.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            g = hf_to_gguf_name(arch, n_layers, f"{mod_name}.weight")
+            if g is not None:
+                out[g] = (mod_name, mod)
+    return out
+
+
+def gguf_matrices(lm, arch: str) -> dict[str, object]:
+    """GGUF name -> the torch parameter behind it, for every 2-D weight (embedding included;
+    tied weights appear once, under their first name)."""
+    n_layers = lm.config.num_hidden_layers
+    out = {}
+    for hf_name, p in lm.named_parameters():
+        g = hf_to_gguf_name(arch, n_layers, hf_name)
+        if g is not None and p.ndim == 2:
+            out[g] = p
+    return out

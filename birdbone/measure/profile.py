@@ -89,7 +89,7 @@ class _Recorder:
         import torch
 
         from birdbone.bridge.families import family_of_lm
-        from birdbone.bridge.names import hf_to_gguf_name
+        from birdbone.bridge.names import gguf_linears
 
         self.lm, self.eps, self.gradients = lm, eps, gradients
         cfg = lm.config
@@ -99,19 +99,16 @@ class _Recorder:
         self.n_head_kv = getattr(cfg, "num_key_value_heads", None) or self.n_head
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_head
         self.targets: dict[str, torch.nn.Linear] = {}
-        for hf_name, mod in lm.named_modules():
-            if not isinstance(mod, torch.nn.Linear):
-                continue
+        named = gguf_linears(lm, self.arch)
+        for hf_name, mod in lm.named_modules():  # a layer's linear without a GGUF name would be silently unprofiled
+            if isinstance(mod, torch.nn.Linear) and ".layers." in hf_name and all(m is not mod for _, m in named.values()):
+                raise InputError(None, f"no GGUF name for {hf_name} of a {self.arch} model")
+        for name, (hf_name, mod) in named.items():
             if hf_name == "lm_head":
                 tied = lm.get_input_embeddings().weight.data_ptr() == mod.weight.data_ptr()
                 if not process_output or tied:
                     continue
-                name = "output.weight"
-            elif ".layers." in hf_name:
-                name = hf_to_gguf_name(self.arch, self.n_layers, hf_name + ".weight")
-                if name is None:
-                    raise InputError(None, f"no GGUF name for {hf_name} of a {self.arch} model")
-            else:
+            elif ".layers." not in hf_name:
                 continue
             self.targets[name] = mod
         self.sum2 = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in self.targets.items()}

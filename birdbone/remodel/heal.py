@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from birdbone.bridge.names import hf_to_gguf_name, permute_qk, qk_rows, unpermute_qk
+from birdbone.bridge.names import gguf_linears, permute_qk, qk_rows, unpermute_qk
 from birdbone.io.errors import BirdboneError
 from birdbone.remodel.config import HealConfig
 from birdbone.io.progress import Progress, tick
@@ -42,14 +42,7 @@ class HealResult:
 # -- names and row order ------------------------------------------------------------------------------
 def gguf_modules(lm, arch: str = "llama") -> dict[str, str]:
     """GGUF weight name -> Hugging Face module name, for every linear layer of the model."""
-    n_layers = lm.config.num_hidden_layers
-    out = {}
-    for mod_name, mod in lm.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            g = hf_to_gguf_name(arch, n_layers, f"{mod_name}.weight")
-            if g is not None:
-                out[g] = mod_name
-    return out
+    return {g: mod_name for g, (mod_name, _) in gguf_linears(lm, arch).items()}
 
 
 def to_hf_rows(lm, name: str, rows: np.ndarray, arch: str = "llama") -> np.ndarray:

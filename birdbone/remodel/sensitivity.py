@@ -84,15 +84,9 @@ class Sensitivity:
 
 def _parameters(lm, arch: str) -> dict:
     """GGUF name -> the torch parameter behind it (tied weights appear once, under their first name)."""
-    from birdbone.bridge.names import hf_to_gguf_name
+    from birdbone.bridge.names import gguf_matrices
 
-    n_layers = lm.config.num_hidden_layers
-    out = {}
-    for hf_name, p in lm.named_parameters():
-        g = hf_to_gguf_name(arch, n_layers, hf_name)
-        if g is not None and p.ndim == 2:
-            out[g] = p
-    return out
+    return gguf_matrices(lm, arch)
 
 
 def _from_gguf_rows(lm, name: str, w: np.ndarray, arch: str, like):
