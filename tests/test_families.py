@@ -1,4 +1,4 @@
-"""The family battery: one row per model family of the bridge's table (birdbone/bridge/families.py),
+"""The family battery: one row per model family of the bridge's table (birdbone/io/families.py),
 each a tiny random Hugging Face model built from a transformers config (nothing downloaded), put
 through every verb that crosses between torch and llama.cpp."""
 
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from birdbone.bridge.families import FAMILIES
+from birdbone.io.families import FAMILIES
 from birdbone.io.errors import BirdboneError
 from tests.fixtures.tiny import FAMILY_CONFIGS, make_tiny_family
 from tests.test_bridge import llama_vs_torch
@@ -160,3 +160,43 @@ def test_compress_passes_its_guardrails(family, tmp_path):
     r = json.loads(birdbone("compress", gguf, "-r", tmp_path / "tiny.yaml", "-o", tmp_path / "c.gguf", "--json").stdout)
     assert r["passed"] is True and all(g["passed"] for g in r["verify"]["guardrails"]), r["verify"]
     assert list(r["stages"]) == ["map", "profile", "waves", "budget", "export", "verify"]
+
+
+def test_a_gguf_that_does_not_fit_its_family_is_one_line_naming_the_tensor(family, tmp_path):
+    from birdbone.bridge import load_causal_lm
+    from birdbone.io.families import family_of_arch
+    from birdbone.io.gguf_layout import layout_of, write_layout
+    from birdbone.io.gguf_reader import GGUFFile
+
+    model_type, hf, model, gguf = family
+    fam = FAMILIES[model_type]
+    drop = "blk.1.attn_k.bias" if fam.attn_bias else "blk.1.attn_k_norm.weight" if fam.qk_norm else "blk.1.ffn_up.weight"
+
+    def forged(name, edit):
+        out = tmp_path / f"{name}.gguf"
+        with GGUFFile(gguf) as f:
+            layout = layout_of(f)
+            edit(layout)
+            for t in layout.tensors:
+                t.offset = None  # packed again, as llama.cpp writes
+            write_layout(out, layout, lambda t: [bytes(f.buf[f.tensors[t.name].offset:][:f.tensors[t.name].n_bytes])])
+        return out
+
+    missing = forged("missing", lambda lay: lay.tensors.remove(next(t for t in lay.tensors if t.name == drop)))
+    with pytest.raises(BirdboneError, match=f"has no {drop}, which a {family_of_arch(fam.arch).model_type} model"):
+        load_causal_lm(missing)
+    narrow = forged("kv1", lambda lay: setattr(next(kv for kv in lay.kvs if kv.key.endswith(".attention.head_count_kv")), "value", 1))
+    with pytest.raises(BirdboneError, match=r"blk\.0\.attn_k\.weight has shape"):
+        load_causal_lm(narrow)
+
+
+def test_inspect_names_the_family_and_what_sets_it_apart(family):
+    from birdbone.anatomy.inspect import inspect_model
+    from birdbone.io.families import family_of_arch
+
+    model_type, hf, model, gguf = family
+    fam = FAMILIES[model_type]
+    for path, named in ((gguf, family_of_arch(fam.arch).model_type), (hf, model_type)):  # a Mistral GGUF is a llama, as llama.cpp writes it
+        f = inspect_model(path, tensors=False).info["family"]
+        assert f["family"] == named and f["torch"] and f["tied_embeddings"] == model.config.tie_word_embeddings, (path, f)
+        assert ("q/k/v biases" in f["traits"]) == fam.attn_bias and ("q/k norms" in f["traits"]) == fam.qk_norm

@@ -23,6 +23,7 @@ class Inspection:
             Line(f"{i['path']}  ({i['format']}, {i['architecture']})", "bold"),
             Line(f"{i['n_tensors']} tensors, {i['n_params']:,} parameters, {mib(i['file_bytes'])} MiB on disk, "
                  f"{i['bits_per_weight']:.2f} bits per weight; types: {histogram(i['types'])}"),
+            Line(family_line(i["family"])),
         ]
         anatomy = i["anatomy"]
         roles = Table(["role", "tensors", "parameters", "MiB", "% of bytes"], title="anatomy")
@@ -44,6 +45,28 @@ class Inspection:
         return blocks
 
 
+def family_info(m) -> dict:
+    """What the family table says of this model: its family, whether the torch verbs take it, and
+    the traits that set it apart (a tied head, q/k/v biases, q/k norms)."""
+    from birdbone.io.errors import BirdboneError
+    from birdbone.io.families import family_of_arch, family_of_model_type
+
+    tied = "output.weight" not in m.tensors and "lm_head.weight" not in m.tensors
+    try:
+        fam = family_of_arch(m.architecture) if m.format == "gguf" else family_of_model_type(m.metadata.get("config", {}).get("model_type"))
+    except BirdboneError as e:
+        return {"family": None, "torch": False, "why": str(e), "tied_embeddings": tied}
+    traits = [t for t, on in (("q/k rows permuted", fam.permuted_qk), ("q/k/v biases", fam.attn_bias), ("q/k norms", fam.qk_norm)) if on]
+    return {"family": fam.model_type, "torch": True, "why": None, "tied_embeddings": tied, "traits": traits}
+
+
+def family_line(f: dict) -> str:
+    head = "tied head" if f["tied_embeddings"] else "untied head"
+    if not f["torch"]:
+        return f"family: {head}; the torch verbs (profile, prune, heal, budget, compress) refuse it: {f['why']}"
+    return f"family: {f['family']} ({', '.join([head, *f['traits']])}); every verb takes it"
+
+
 def inspect_model(model: str | Path = "builtin", tensors: bool = True) -> Inspection:
     """Architecture, parameters, bytes, types, anatomy per role and layer, and (optionally) every tensor."""
     from birdbone.io.model_file import open_model
@@ -57,7 +80,7 @@ def inspect_model(model: str | Path = "builtin", tensors: bool = True) -> Inspec
             "n_tensors": len(m.tensors), "n_params": m.n_params, "file_bytes": m.file_bytes, "tensor_bytes": m.tensor_bytes,
             "bits_per_weight": 8.0 * m.tensor_bytes / max(m.n_params, 1), "types": hist,
             "metadata_keys": len(m.metadata) if m.format == "gguf" else len(m.metadata.get("config", {})),
-            "anatomy": summarize(m.tensors),
+            "anatomy": summarize(m.tensors), "family": family_info(m),
         }
         rows = []
         if tensors:

@@ -17,7 +17,7 @@ import numpy as np
 from gguf.constants import GGUFValueType as V
 from gguf.constants import Keys
 
-from birdbone.bridge.families import Family, family_of_model_type
+from birdbone.io.families import Family, family_of_model_type
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.inputs import read_json
 

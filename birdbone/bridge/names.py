@@ -13,7 +13,7 @@ import numpy as np
 from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
 from gguf.tensor_mapping import get_tensor_name_map
 
-from birdbone.bridge.families import ARCHS, family_of_arch
+from birdbone.io.families import ARCHS, family_of_arch
 from birdbone.io.errors import BirdboneError
 
 # GGUF architectures whose q/k rows are permuted relative to Hugging Face (the family table's word)

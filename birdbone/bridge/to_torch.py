@@ -31,6 +31,7 @@ def load_causal_lm(model: str | Path):
     hf_logging.set_verbosity_error()
     try:
         if path.is_file() and path.suffix == ".gguf":
+            from birdbone.io.families import check_fits, family_of_arch
             from birdbone.bridge.names import check_supported
             from birdbone.io.model_file import open_model
 
@@ -40,6 +41,7 @@ def load_causal_lm(model: str | Path):
                     from birdbone.bridge.shaped import load_shaped_lm
 
                     return load_shaped_lm(path)
+                check_fits(m, family_of_arch(m.architecture))  # a missing bias or a wrong shape: one line, not transformers' report
                 head_dim = m.meta(f"{m.architecture}.attention.key_length")
             # transformers' GGUF loader draws a tqdm bar on stderr whatever its settings say
             with contextlib.redirect_stderr(io.StringIO()):
@@ -49,6 +51,12 @@ def load_causal_lm(model: str | Path):
                 lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32)
             _drop_gguf_marker(lm)
         elif path.is_dir():
+            from birdbone.io.families import family_of_model_type
+            from birdbone.io.inputs import read_json
+
+            if (path / "config.json").is_file():  # a family outside the table: one line (without a config transformers says so)
+                config = read_json(path / "config.json", "model config")
+                family_of_model_type(config.get("model_type") if isinstance(config, dict) else None)
             lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         elif path.suffix == ".safetensors" and (path.parent / "config.json").exists():
             lm = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32)

@@ -88,7 +88,7 @@ class _Recorder:
     def __init__(self, lm, eps: float, process_output: bool, gradients: bool):
         import torch
 
-        from birdbone.bridge.families import family_of_lm
+        from birdbone.io.families import family_of_lm
         from birdbone.bridge.names import gguf_linears
 
         self.lm, self.eps, self.gradients = lm, eps, gradients

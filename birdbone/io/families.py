@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from birdbone.io.errors import BirdboneError
+import numpy as np
+
+from birdbone.io.errors import BirdboneError, InputError
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,48 @@ def family_of_model_type(model_type: str | None) -> Family:
 def family_of_lm(lm) -> Family:
     """The family of a loaded transformers model (a structured model is a llama)."""
     return family_of_model_type(getattr(lm.config, "model_type", None))
+
+
+def expected_shapes(m, fam: Family) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The tensors a GGUF of ``fam`` must hold (numpy shapes, from its hyper-parameters), and
+    the ones it may (an untied head). The vocabulary is the embedding's own row count."""
+    a = m.architecture
+
+    def hp(key: str, default=None) -> int:
+        v = m.meta(f"{a}.{key}", default)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise InputError(m.path, f"{a}.{key} is {v!r}, not a positive whole number")
+        return int(v)
+
+    n_embd, n_layer, n_head, n_ff = hp("embedding_length"), hp("block_count"), hp("attention.head_count"), hp("feed_forward_length")
+    n_kv = hp("attention.head_count_kv", n_head)
+    hd = hp("attention.key_length", n_embd // n_head or 1)
+    emb = m.tensors.get("token_embd.weight")
+    vocab = emb.shape[0] if emb is not None and len(emb.shape) == 2 else -1
+    shapes = {"token_embd.weight": (vocab, n_embd), "output_norm.weight": (n_embd,)}
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        shapes |= {b + "attn_norm.weight": (n_embd,), b + "attn_q.weight": (n_head * hd, n_embd), b + "attn_k.weight": (n_kv * hd, n_embd),
+                   b + "attn_v.weight": (n_kv * hd, n_embd), b + "attn_output.weight": (n_embd, n_head * hd), b + "ffn_norm.weight": (n_embd,),
+                   b + "ffn_gate.weight": (n_ff, n_embd), b + "ffn_up.weight": (n_ff, n_embd), b + "ffn_down.weight": (n_embd, n_ff)}
+        if fam.attn_bias:
+            shapes |= {b + "attn_q.bias": (n_head * hd,), b + "attn_k.bias": (n_kv * hd,), b + "attn_v.bias": (n_kv * hd,)}
+        if fam.qk_norm:
+            shapes |= {b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)}
+    return shapes, {"output.weight"}
+
+
+def check_fits(m, fam: Family) -> None:
+    """A one-line error naming the first tensor of a GGUF that does not fit its family's map
+    (missing, of another shape, or one the family has no place for)."""
+    shapes, optional = expected_shapes(m, fam)
+    vocab_n_embd = shapes["token_embd.weight"]
+    for name, shape in [*shapes.items(), *((n, vocab_n_embd) for n in optional if n in m.tensors)]:
+        t = m.tensors.get(name)
+        if t is None:
+            raise InputError(m.path, f"has no {name}, which a {fam.model_type} model of these hyper-parameters needs")
+        if tuple(t.shape) != tuple(shape):
+            raise InputError(m.path, f"{name} has shape {tuple(t.shape)}; its hyper-parameters say {tuple(shape)}")
+    extra = next((n for n in m.tensors if n not in shapes and n not in optional), None)
+    if extra is not None:
+        raise InputError(m.path, f"holds {extra}, which a {fam.model_type} model has no place for")
