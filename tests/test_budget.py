@@ -192,6 +192,22 @@ def test_a_quantized_input_is_planned_from_its_float_form_without_its_own_grid(t
     assert plan.bits_per_weight <= 6.0
 
 
+def test_a_mixed_quant_input_never_gets_a_tensor_back_on_its_own_grid(tiny_k, usage_dir, tmp_path):
+    """A Hub GGUF is a mix (Q4_K here, Q6_K there): the exclusion is per tensor, not the file's main type."""
+    mixed = tmp_path / "q4km.gguf"
+    quantize_file(tiny_k.gguf_f16, mixed, "Q4_K_M")
+    with open_model(mixed) as m:
+        stored = {n: t.type for n, t in m.tensors.items() if len(t.shape) == 2}
+    assert len(set(stored.values())) >= 2, stored
+    plan_path = tmp_path / "plan.json"
+    birdbone("budget", mixed, "--usage", usage_dir, "--target-bpw", "7", "--method", "greedy", *SMALL, "-o", plan_path)
+    plan = read_plan(plan_path)
+    on_own_grid = {n: t for n, t in plan.types.items() if t == stored[n]}
+    assert not on_own_grid, on_own_grid
+    grids = [n for n in plan.notes if "lossless by construction" in n]
+    assert len(grids) == len(set(stored.values())), plan.notes  # one note per grid, each naming its tensors
+
+
 def test_bad_budget_requests(tiny, tiny_k, usage_dir, tmp_path):
     def error(*args):
         p = birdbone(*args, check=False)

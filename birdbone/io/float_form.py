@@ -26,6 +26,14 @@ def source_grid(m) -> str | None:
     return max(quantized)[1] if quantized else None
 
 
+def source_grids(m) -> dict[str, str]:
+    """Each quantized matrix's stored type (a Hub GGUF is a mix: Q4_K here, Q6_K there); empty
+    for a float file. What a plan must not give a tensor back: its own grid, lossless by construction."""
+    from birdbone.io.types import TENSOR_TYPES
+
+    return {n: t.type for n, t in m.tensors.items() if len(t.shape) >= 2 and t.type in TENSOR_TYPES and t.type not in FLOAT_TYPES}
+
+
 def float_form(model: str | Path, progress: Progress | None = None) -> Path:
     """The F16 form of a quantized GGUF (cached by content hash): its dequantized weights."""
     from birdbone.io.cache import get_or_build

@@ -182,13 +182,26 @@ def stage_scaffold(w: Work, step: Step) -> dict:
             "threshold_scale": res.steps[-1]["threshold_scale"] if res.steps else None}
 
 
+def input_grids(w: Work, model: Path) -> dict[str, str] | str | None:
+    """The grid each of ``model``'s tensors sits on: the input's own, tensor by tensor, while the
+    stages kept every tensor's name and shape; the input's main grid once they reshaped it."""
+    from birdbone.io.float_form import source_grids
+    from birdbone.io.model_file import open_model
+
+    if w.input_grid is None:
+        return None
+    with open_model(w.plan.input) as a, open_model(model) as b:
+        same = {n: t.shape for n, t in a.tensors.items()} == {n: t.shape for n, t in b.tensors.items()}
+        return source_grids(a) if same else w.input_grid
+
+
 def stage_budget(w: Work, step: Step) -> dict:
     from birdbone.remodel.budget import Planner
     from birdbone.remodel.plan import write_plan
 
     cfg = w.recipe.budget
     # the model is a float file, but its weights may still sit on the input's grid
-    planner = Planner.open(w.model(step.model), w.usage(step.model), w.calibration, cfg, w.progress, grid=w.input_grid)
+    planner = Planner.open(w.model(step.model), w.usage(step.model), w.calibration, cfg, w.progress, grid=input_grids(w, w.model(step.model)))
     plan = planner.plan(cfg.target_bpw, cfg.target_bytes, progress=w.progress)
     write_plan(plan, w.run / "plan.json")
     return {"method": plan.method, "target": plan.target, "bits_per_weight": plan.bits_per_weight,

@@ -11,6 +11,7 @@ measured. :class:`Planner` measures once — the float source, every tensor's la
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,12 +136,17 @@ class Planner:
     n_params: int
     sens: Sensitivity
     notes: list[str]
+    tensor_exclude: dict[str, set[str]] = field(default_factory=dict)  # a tensor's own grid and that grid's artifacts
+
+    def excluded_for(self, name: str) -> set[str]:
+        return self.exclude | self.tensor_exclude.get(name, set())
 
     @classmethod
     def open(cls, model: str | Path, usage_dir: str | Path, text: str | Path | None, cfg: BudgetConfig,
-             progress: Progress | None = None, grid: str | None = None) -> "Planner":
+             progress: Progress | None = None, grid: str | dict[str, str] | None = None) -> "Planner":
         """``grid``: the quantized grid ``model``'s weights sit on when ``model`` is already a float file
-        (a remodelled form of a quantized input); by default, the grid ``model`` is stored in."""
+        (a remodelled form of a quantized input): one type, or each tensor's; by default, the types
+        ``model``'s own tensors are stored in, tensor by tensor (a Hub file is a mix)."""
         from birdbone.io.hashing import file_sha256
         from birdbone.io.model_file import open_model
         from birdbone.io.runtime import tokenize_texts
@@ -152,8 +158,6 @@ class Planner:
         usage = read_profile(usage_dir)
         imatrix = Path(usage_dir) / "imatrix.gguf"
         source, stored_grid = float_source(model, progress)
-        grid = grid or stored_grid
-        auto = bool(grid) and "auto" in cfg.exclude
         with open_model(source) as m:
             names = planned_names(m)
             shapes = {n: m.tensors[n].shape for n in names}
@@ -167,26 +171,28 @@ class Planner:
                 raise InputError(usage_dir, f"profile's {n} has {usage.in_sum2[n].shape[-1]} channels, the model's has {shapes[n][-1]}: "
                                             "it was made for another model")
         importance = {n: (usage.importance(n) if n in usage.in_sum2 else None) for n in names}
+        grids = tensor_grids(model, names, grid, stored_grid) if "auto" in cfg.exclude else {}
         with open_model(source) as m:
-            artifacts = grid_artifacts(m, names, cfg.types, importance) if auto else {}
-        exclude = {canonical(e) for e in cfg.exclude if e != "auto"} | ({grid, *artifacts} if auto else set())
-        empty = [n for n in names if not options_for(shapes[n], cfg.types, exclude)]
+            artifacts = grid_artifacts(m, names, cfg.types, importance, grids) if grids else {}
+        exclude = {canonical(e) for e in cfg.exclude if e != "auto"}
+        tensor_exclude = {n: {g, *artifacts.get(g, {})} for n, g in grids.items()}
+        empty = [n for n in names if not options_for(shapes[n], cfg.types, exclude | tensor_exclude.get(n, set()))]
         if empty:
             raise BirdboneError(f"{empty[0]}: no type on the ladder is legal for its row width {shapes[empty[0]][-1]}")
         text_body, text_name = load_text(text)
         tokens, = tokenize_texts(source, text_body)
         sens = measure_sensitivity(source, tokens, names, importance, cfg.sensitivity, progress)
         notes = [f"sensitivity text: {text_name} ({len(tokens):,} tokens; the last {cfg.sensitivity.val_tokens} held out for exact checks)"]
-        if auto:
-            notes.append(f"{grid} excluded: the input is stored in {grid}, so its F16 form sits on that grid and {grid} would be lossless by construction")
-        if artifacts:
-            notes.append("also excluded, as they rebuild the F16 form better than Q8_0 does (they hold the input's grid): "
-                         + ", ".join(f"{t} (relative error {e:.1e})" for t, e in sorted(artifacts.items())))
+        for g, n in sorted(Counter(grids.values()).items()):
+            also = artifacts.get(g, {})
+            notes.append(f"{g} excluded on the {n} tensors stored in it: their F16 form sits on that grid, so {g} would be lossless by construction"
+                         + ("; also " + ", ".join(f"{t} (relative error {e:.1e})" for t, e in sorted(also.items()))
+                            + ", which rebuild them better than Q8_0 does" if also else ""))
         narrow = sorted({shapes[n][-1] for n in names if shapes[n][-1] % 256})
         if narrow:
             notes.append(f"row widths {', '.join(map(str, narrow))} are not multiples of 256: those tensors cannot take K-quants (32-block types only)")
         return cls(str(model), source, file_sha256(source), imatrix if imatrix.exists() else None, cfg, shapes, exclude,
-                   usage_scores(usage, names), fixed, header, n_params, sens, notes)
+                   usage_scores(usage, names), fixed, header, n_params, sens, notes, tensor_exclude)
 
     def cap(self, target_bpw: float | None = None, target_bytes: int | str | None = None) -> tuple[int, str]:
         """The cap on planned tensors' bytes, and the target in words; ``target_bytes`` may name a mix."""
@@ -212,7 +218,7 @@ class Planner:
         method = method or self.cfg.method
         cfg = replace(self.cfg, method=method)
         cap, words = self.cap(target_bpw, target_bytes)
-        ladders = {n: Ladder(n, shape, options_for(shape, cfg.types, self.exclude), self.scores[n]) for n, shape in self.shapes.items()}
+        ladders = {n: Ladder(n, shape, options_for(shape, cfg.types, self.excluded_for(n)), self.scores[n]) for n, shape in self.shapes.items()}
         timing = self.time_cap(cfg)
         if method == "usage":
             plan_usage(ladders, cap, cfg, self.sens, progress)
@@ -226,7 +232,7 @@ class Planner:
             notes.append(f"time cap {1e3 * timing[1]:.2f} ms a token ({self.cap_words(cfg)}); the plan is predicted at "
                          f"{1e3 * timing[0].seconds(types):.2f} ms by this host's time model")
         return Plan(self.model, str(self.source), self.source_sha256, str(self.imatrix) if self.imatrix else None, method, cap, words,
-                    self.fixed_bytes, self.header_bytes, self.n_params, sorted(self.exclude), types, detail, config_dict(cfg), notes,
+                    self.fixed_bytes, self.header_bytes, self.n_params, sorted(self.exclude.union(*self.tensor_exclude.values())), types, detail, config_dict(cfg), notes,
                     1e3 * timing[0].seconds(types) if timing else None, 1e3 * timing[1] if timing else None)
 
     def time_cap(self, cfg: BudgetConfig) -> tuple | None:
@@ -249,6 +255,23 @@ class Planner:
     @staticmethod
     def cap_words(cfg: BudgetConfig) -> str:
         return f"max_decode_ms {cfg.max_decode_ms:g}" if cfg.max_decode_ms is not None else f"no slower than llama.cpp's {cfg.no_slower_than}, predicted"
+
+
+def tensor_grids(model: str | Path, names: list[str], grid: str | dict[str, str] | None, stored_grid: str | None) -> dict[str, str]:
+    """Each planned tensor's source grid: ``grid`` as given (one type for all, or per tensor), else
+    the types ``model``'s own tensors are stored in; empty for a float model."""
+    if isinstance(grid, str):
+        return dict.fromkeys(names, grid)
+    if grid is not None:
+        return {n: grid[n] for n in names if n in grid}
+    if stored_grid is None:
+        return {}
+    from birdbone.io.float_form import source_grids
+    from birdbone.io.model_file import open_model
+
+    with open_model(model) as m:
+        stored = source_grids(m)
+    return {n: stored[n] for n in names if n in stored}
 
 
 def build_plan(model: str | Path, usage_dir: str | Path, text: str | Path | None, cfg: BudgetConfig,

@@ -86,10 +86,12 @@ def total(ladders: dict[str, Ladder]) -> int:
     return sum(l.option.nbytes for l in ladders.values())
 
 
-def grid_artifacts(m, names: list[str], types: tuple[str, ...], importance: dict[str, np.ndarray | None]) -> dict[str, float]:
-    """Types below Q8_0's bits that rebuild the float form of a grid-quantized model better than Q8_0
-    does (relative error, with the imatrix), on one tensor per row width: such a type sits on the
-    source's grid, and a plan choosing it would measure that artifact, not skill. Returns type → error."""
+def grid_artifacts(m, names: list[str], types: tuple[str, ...], importance: dict[str, np.ndarray | None],
+                   grids: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per source grid (each tensor's stored type, ``grids``): the types below Q8_0's bits that
+    rebuild the float form of tensors on that grid better than Q8_0 does (relative error, with the
+    imatrix), on one tensor per grid and row width. Such a type sits on the source's grid, and a
+    plan choosing it would measure that artifact, not skill. Returns grid → type → error."""
     from gguf.constants import GGML_QUANT_SIZES
 
     from birdbone.io.quantize import quantize_tensor
@@ -97,21 +99,23 @@ def grid_artifacts(m, names: list[str], types: tuple[str, ...], importance: dict
 
     sample = {}
     for n in names:
-        sample.setdefault(m.tensors[n].shape[-1], n)
+        if n in grids:
+            sample.setdefault((grids[n], m.tensors[n].shape[-1]), n)
 
     def error(w: np.ndarray, t: str, imp) -> float:
         return float(np.linalg.norm(quantize_tensor(w, t, imp).dequantize() - w) / max(np.linalg.norm(w), 1e-30))
 
     q8_bits = 8.0 * GGML_QUANT_SIZES[tensor_type("Q8_0")][1] / GGML_QUANT_SIZES[tensor_type("Q8_0")][0]
-    found: dict[str, float] = {}
-    for width, n in sample.items():
+    found: dict[str, dict[str, float]] = {}
+    for (grid, width), n in sample.items():
         w, imp = m.tensor(n).astype(np.float32), importance.get(n)
         reference = error(w, "Q8_0", imp)
+        on_grid = found.setdefault(grid, {})
         for t in types:
             block, size = GGML_QUANT_SIZES[tensor_type(t)]
-            if width % block or 8.0 * size / block >= q8_bits:
+            if width % block or 8.0 * size / block >= q8_bits or tensor_type(t).name == grid:
                 continue
             e = error(w, t, imp)
             if e < reference:
-                found[tensor_type(t).name] = min(e, found.get(tensor_type(t).name, e))
+                on_grid[tensor_type(t).name] = min(e, on_grid.get(tensor_type(t).name, e))
     return found
