@@ -126,7 +126,7 @@ def test_a_family_outside_the_table_is_one_line(tmp_path):
     config = json.loads((hf / "config.json").read_text())
     config["model_type"] = "gemma2"
     (hf / "config.json").write_text(json.dumps(config))
-    with pytest.raises(BirdboneError, match=r"supports llama, mistral, qwen2, qwen3; model_type 'gemma2' is not supported yet \(its norms"):
+    with pytest.raises(BirdboneError, match=r"supports llama, mistral, phi3, qwen2, qwen3; model_type 'gemma2' is not supported yet \(its norms"):
         convert(hf, tmp_path / "x.gguf", "F32")
     assert not (tmp_path / "x.gguf").exists()
 
@@ -186,7 +186,7 @@ def test_a_gguf_that_does_not_fit_its_family_is_one_line_naming_the_tensor(famil
     with pytest.raises(BirdboneError, match=f"has no {drop}, which a {family_of_arch(fam.arch).model_type} model"):
         load_causal_lm(missing)
     narrow = forged("kv1", lambda lay: setattr(next(kv for kv in lay.kvs if kv.key.endswith(".attention.head_count_kv")), "value", 1))
-    with pytest.raises(BirdboneError, match=r"blk\.0\.attn_k\.weight has shape"):
+    with pytest.raises(BirdboneError, match=r"blk\.0\.attn_qkv\.weight has shape" if fam.fused else r"blk\.0\.attn_k\.weight has shape"):
         load_causal_lm(narrow)
 
 
@@ -200,3 +200,4 @@ def test_inspect_names_the_family_and_what_sets_it_apart(family):
         f = inspect_model(path, tensors=False).info["family"]
         assert f["family"] == named and f["torch"] and f["tied_embeddings"] == model.config.tie_word_embeddings, (path, f)
         assert ("q/k/v biases" in f["traits"]) == fam.attn_bias and ("q/k norms" in f["traits"]) == fam.qk_norm
+        assert ("fused q/k/v and gate/up" in f["traits"]) == fam.fused

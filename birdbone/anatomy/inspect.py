@@ -56,7 +56,8 @@ def family_info(m) -> dict:
         fam = family_of_arch(m.architecture) if m.format == "gguf" else family_of_model_type(m.metadata.get("config", {}).get("model_type"))
     except BirdboneError as e:
         return {"family": None, "torch": False, "why": str(e), "tied_embeddings": tied}
-    traits = [t for t, on in (("q/k rows permuted", fam.permuted_qk), ("q/k/v biases", fam.attn_bias), ("q/k norms", fam.qk_norm)) if on]
+    traits = [t for t, on in (("q/k rows permuted", fam.permuted_qk), ("q/k/v biases", fam.attn_bias), ("q/k norms", fam.qk_norm),
+                                     ("fused q/k/v and gate/up", fam.fused)) if on]
     return {"family": fam.model_type, "torch": True, "why": None, "tied_embeddings": tied, "traits": traits}
 
 

@@ -9,7 +9,9 @@ what the bridge must do alike, both ways:
 * ``attn_bias``: q/k/v carry biases (qwen2), stored as F32 ``attn_{q,k,v}.bias``;
 * ``qk_norm``: per-head RMS norms on q and k (qwen3), ``attn_{q,k}_norm.weight``;
 * ``head_dim_keys``: the head width is its own hyper-parameter, written as
-  ``attention.key_length`` / ``value_length`` (qwen3 decouples it from hidden / heads).
+  ``attention.key_length`` / ``value_length`` (qwen3 decouples it from hidden / heads);
+* ``fused``: q/k/v are one matrix (``attn_qkv``) and gate/up one (``ffn_up``, gate rows first), as
+  phi3 stores them on both sides.
 
 Tensor names come from gguf-py's own table (:mod:`birdbone.bridge.names`). Families llama.cpp
 runs but the bridge does not handle yet are listed in :data:`NOT_YET` with what stands in the way,
@@ -34,6 +36,7 @@ class Family:
     attn_bias: bool = False
     qk_norm: bool = False
     head_dim_keys: bool = False
+    fused: bool = False
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -41,13 +44,13 @@ FAMILIES = {f.model_type: f for f in (
     Family("mistral", "llama", "MistralForCausalLM", permuted_qk=True),
     Family("qwen2", "qwen2", "Qwen2ForCausalLM", attn_bias=True),
     Family("qwen3", "qwen3", "Qwen3ForCausalLM", qk_norm=True, head_dim_keys=True),
+    Family("phi3", "phi3", "Phi3ForCausalLM", fused=True),
 )}
 # GGUF architectures the bridge reads and writes: every family's, and deci (per-layer widths, bridge/shaped.py)
 ARCHS = {f.arch: f for f in reversed(FAMILIES.values())} | {"deci": FAMILIES["llama"]}
 NOT_YET = {
     "gemma2": "its norms store weight + 1 and its logits are soft-capped",
     "gemma3": "its norms store weight + 1 and it alternates sliding and global attention",
-    "phi3": "its q/k/v and gate/up projections are fused into one tensor each",
 }
 
 
@@ -95,9 +98,13 @@ def expected_shapes(m, fam: Family) -> tuple[dict[str, tuple[int, ...]], set[str
     shapes = {"token_embd.weight": (vocab, n_embd), "output_norm.weight": (n_embd,)}
     for i in range(n_layer):
         b = f"blk.{i}."
-        shapes |= {b + "attn_norm.weight": (n_embd,), b + "attn_q.weight": (n_head * hd, n_embd), b + "attn_k.weight": (n_kv * hd, n_embd),
-                   b + "attn_v.weight": (n_kv * hd, n_embd), b + "attn_output.weight": (n_embd, n_head * hd), b + "ffn_norm.weight": (n_embd,),
-                   b + "ffn_gate.weight": (n_ff, n_embd), b + "ffn_up.weight": (n_ff, n_embd), b + "ffn_down.weight": (n_embd, n_ff)}
+        shapes |= {b + "attn_norm.weight": (n_embd,), b + "attn_output.weight": (n_embd, n_head * hd), b + "ffn_norm.weight": (n_embd,),
+                   b + "ffn_down.weight": (n_embd, n_ff)}
+        if fam.fused:
+            shapes |= {b + "attn_qkv.weight": ((n_head + 2 * n_kv) * hd, n_embd), b + "ffn_up.weight": (2 * n_ff, n_embd)}
+        else:
+            shapes |= {b + "attn_q.weight": (n_head * hd, n_embd), b + "attn_k.weight": (n_kv * hd, n_embd), b + "attn_v.weight": (n_kv * hd, n_embd),
+                       b + "ffn_gate.weight": (n_ff, n_embd), b + "ffn_up.weight": (n_ff, n_embd)}
         if fam.attn_bias:
             shapes |= {b + "attn_q.bias": (n_head * hd,), b + "attn_k.bias": (n_kv * hd,), b + "attn_v.bias": (n_kv * hd,)}
         if fam.qk_norm:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from birdbone.io.families import family_of_lm
 from birdbone.bridge.names import gguf_linears, permute_qk, qk_rows, unpermute_qk
 from birdbone.io.errors import BirdboneError
 from birdbone.remodel.config import HealConfig
@@ -40,18 +41,24 @@ class HealResult:
 
 
 # -- names and row order ------------------------------------------------------------------------------
-def gguf_modules(lm, arch: str = "llama") -> dict[str, str]:
+def gguf_arch(lm, arch: str | None) -> str:
+    """The GGUF architecture whose names a model's weights go by: given, or its family's (a
+    default of "llama" once gave a phi3 model the wrong names)."""
+    return arch or family_of_lm(lm).arch
+
+
+def gguf_modules(lm, arch: str | None = None) -> dict[str, str]:
     """GGUF weight name -> Hugging Face module name, for every linear layer of the model."""
-    return {g: mod_name for g, (mod_name, _) in gguf_linears(lm, arch).items()}
+    return {g: mod_name for g, (mod_name, _) in gguf_linears(lm, gguf_arch(lm, arch)).items()}
 
 
-def to_hf_rows(lm, name: str, rows: np.ndarray, arch: str = "llama") -> np.ndarray:
-    heads = qk_rows(lm, arch, name)
+def to_hf_rows(lm, name: str, rows: np.ndarray, arch: str | None = None) -> np.ndarray:
+    heads = qk_rows(lm, gguf_arch(lm, arch), name)
     return unpermute_qk(rows, *heads) if heads else rows
 
 
-def to_gguf_rows(lm, name: str, rows: np.ndarray, arch: str = "llama") -> np.ndarray:
-    heads = qk_rows(lm, arch, name)
+def to_gguf_rows(lm, name: str, rows: np.ndarray, arch: str | None = None) -> np.ndarray:
+    heads = qk_rows(lm, gguf_arch(lm, arch), name)
     return permute_qk(rows, *heads) if heads else rows
 
 
@@ -87,7 +94,7 @@ class MaskedLoraLinear(LoraLinear):
         return F.linear(x, w * base.mask, base.bias)
 
 
-def set_weights(lm, weights: dict[str, tuple[np.ndarray, np.ndarray]], arch: str = "llama") -> None:
+def set_weights(lm, weights: dict[str, tuple[np.ndarray, np.ndarray]], arch: str | None = None) -> None:
     """Load (weights, mask) per GGUF name (llama.cpp row order) into the model's linear layers,
     turning each into a MaskedLinear. Other layers are left alone."""
     modules = gguf_modules(lm, arch)
@@ -125,7 +132,7 @@ def token_batches(tokens: np.ndarray, batch: int, seq: int, seed: int) -> Iterat
         yield np.stack([tokens[s : s + seq + 1] for s in starts]).astype(np.int64)
 
 
-def dense_gradients(lm, names: list[str], x: np.ndarray, arch: str = "llama") -> dict[str, np.ndarray]:
+def dense_gradients(lm, names: list[str], x: np.ndarray, arch: str | None = None) -> dict[str, np.ndarray]:
     """∂L/∂W for the MaskedLinear layers ``names`` (GGUF names and row order) on one batch ``x``
     of (batch, seq + 1) tokens, dense: pruned positions get their gradient too."""
     modules = gguf_modules(lm, arch)
@@ -169,7 +176,7 @@ def merge_factors(first: tuple[np.ndarray, np.ndarray, float] | None, second: tu
 
 # -- healing --------------------------------------------------------------------------------------------
 def heal(lm, names: list[str], tokens: np.ndarray, cfg: HealConfig, parent_logits: Callable | None = None,
-         arch: str = "llama", progress: Callable[[int, int], None] | None = None) -> HealResult:
+         arch: str | None = None, progress: Callable[[int, int], None] | None = None) -> HealResult:
     """Train rank-``cfg.rank`` masked LoRA on the MaskedLinear layers ``names`` (GGUF names) for
     ``cfg.steps`` steps of next-token cross-entropy (+ ``kd_weight`` · KL to ``parent_logits(x)``).
     Returns the losses and the factors in GGUF row order; the model is left without adapters."""
