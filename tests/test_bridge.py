@@ -92,8 +92,11 @@ def test_convert_gguf_hf_gguf(tiny, tmp_path):
     with open_model(tiny.gguf_f32) as a, open_model(back) as b:
         for n in a.tensors:
             assert a.raw(n).tobytes() == b.raw(n).tobytes(), n
-    with pytest.raises(BirdboneError, match="--like"):
-        convert(hf, tmp_path / "nolike.gguf", "F16")
+    # without --like: config.json and tokenizer.json give the metadata; the tensors are the fixture's own F16 file's
+    convert(tiny.hf_dir, tmp_path / "nolike.gguf", "F16")
+    with open_model(tiny.gguf_f16) as a, open_model(tmp_path / "nolike.gguf") as b:
+        assert set(a.tensors) == set(b.tensors) and all(a.raw(n).tobytes() == b.raw(n).tobytes() for n in a.tensors)
+        assert b.meta("tokenizer.ggml.pre") == "gpt-2" and list(b.meta("tokenizer.ggml.tokens")) == list(a.meta("tokenizer.ggml.tokens"))
     q8 = tmp_path / "q8.gguf"
     convert(tiny.gguf_f32, q8, "Q8_0")
     with open_model(q8) as m:

@@ -145,7 +145,7 @@ def test_generate_json(tiny):
     (["quantize", "{gguf}", "-o", "{gguf}"], "same file as an input"),
     (["quantize", "{gguf}", "-o", "{tmp}/o.gguf", "--tensor-type", "ffn=Q9"], "unknown tensor type"),
     (["eval", "{gguf}", "--text", "{tmp}/missing.txt"], "no such file"),
-    (["convert", "{hf}", "-o", "{tmp}/o.gguf"], "--like"),
+    (["convert", "{gguf}", "-o", "{tmp}/o.gguf", "--like", "{gguf32}"], "--like is for safetensors / HF input"),
     (["graft", "--base", "{gguf}", "--donor", "{gguf32}", "-o", "{tmp}/g.gguf", "--layers", "7-9"], "the model has layers 0-1"),
     (["graft", "--base", "{gguf}", "--donor", "{gguf32}", "-o", "{tmp}/g.gguf", "--layers", "0"], "type base F16, donor F32"),
     (["assemble", "{tmp}", "-o", "{tmp}/a.gguf"], "no manifest.json"),

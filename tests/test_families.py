@@ -201,3 +201,20 @@ def test_inspect_names_the_family_and_what_sets_it_apart(family):
         assert f["family"] == named and f["torch"] and f["tied_embeddings"] == model.config.tie_word_embeddings, (path, f)
         assert ("q/k/v biases" in f["traits"]) == fam.attn_bias and ("q/k norms" in f["traits"]) == fam.qk_norm
         assert ("fused q/k/v and gate/up" in f["traits"]) == fam.fused
+
+
+def test_a_vocabulary_birdbone_cannot_write_asks_for_like_in_one_line(tmp_path):
+    """A SentencePiece (Unigram) vocabulary, and a BPE whose pre-tokenizer llama.cpp has no name for."""
+    from birdbone.bridge.convert import convert
+
+    hf, _ = make_tiny_family(tmp_path, "llama")
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    unigram = dict(tok, model={"type": "Unigram", "vocab": [["a", 0.0]]})
+    (hf / "tokenizer.json").write_text(json.dumps(unigram))
+    with pytest.raises(BirdboneError, match="is not a byte-level BPE tokenizer.*pass --like"):
+        convert(hf, tmp_path / "x.gguf", "F32")
+    odd = dict(tok, pre_tokenizer={"type": "Whitespace"})
+    (hf / "tokenizer.json").write_text(json.dumps(odd))
+    with pytest.raises(BirdboneError, match=r"its pre-tokenizer \(Whitespace\) has no llama.cpp counterpart.*--like"):
+        convert(hf, tmp_path / "x.gguf", "F32")
+    assert not (tmp_path / "x.gguf").exists()

@@ -258,20 +258,26 @@ class Planner:
 
 
 def tensor_grids(model: str | Path, names: list[str], grid: str | dict[str, str] | None, stored_grid: str | None) -> dict[str, str]:
-    """Each planned tensor's source grid: ``grid`` as given (one type for all, or per tensor), else
-    the types ``model``'s own tensors are stored in; empty for a float model."""
-    if isinstance(grid, str):
-        return dict.fromkeys(names, grid)
-    if grid is not None:
-        return {n: grid[n] for n in names if n in grid}
-    if stored_grid is None:
-        return {}
+    """Each planned tensor's source grid below Q8_0's bits: ``grid`` as given (one type for all, or
+    per tensor), else the types ``model``'s own tensors are stored in; empty for a float model.
+    A tensor stored in Q8_0 or finer keeps every type: Q8_0 is the honest reference the grid
+    artifacts are measured against, so its own grid gains it nothing a float parent would not give."""
     from birdbone.io.float_form import source_grids
     from birdbone.io.model_file import open_model
+    from birdbone.io.types import bits_per_weight, tensor_type
 
-    with open_model(model) as m:
-        stored = source_grids(m)
-    return {n: stored[n] for n in names if n in stored}
+    if isinstance(grid, str):
+        grids = dict.fromkeys(names, grid)
+    elif grid is not None:
+        grids = {n: grid[n] for n in names if n in grid}
+    elif stored_grid is None:
+        return {}
+    else:
+        with open_model(model) as m:
+            stored = source_grids(m)
+        grids = {n: stored[n] for n in names if n in stored}
+    q8 = bits_per_weight(tensor_type("Q8_0"))
+    return {n: g for n, g in grids.items() if bits_per_weight(tensor_type(g)) < q8}
 
 
 def build_plan(model: str | Path, usage_dir: str | Path, text: str | Path | None, cfg: BudgetConfig,
