@@ -218,3 +218,33 @@ def test_a_vocabulary_birdbone_cannot_write_asks_for_like_in_one_line(tmp_path):
     with pytest.raises(BirdboneError, match=r"its pre-tokenizer \(Whitespace\) has no llama.cpp counterpart.*--like"):
         convert(hf, tmp_path / "x.gguf", "F32")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def plain_hf(tmp_path_factory):
+    return make_tiny_family(tmp_path_factory.mktemp("plain"), "llama")[0]
+
+
+@pytest.mark.parametrize("file, edit, needle", [
+    ("config.json", {"hidden_size": "64"}, "hidden_size is '64', not a positive whole number"),
+    ("config.json", {"num_key_value_heads": 0}, "num_key_value_heads is 0"),
+    ("config.json", {"head_dim": 2.5}, "head_dim is 2.5"),
+    ("config.json", {"rope_parameters": "fast"}, "rope settings 'fast' are not a mapping"),
+    ("config.json", {"rms_norm_eps": "tiny"}, "must be positive numbers"),
+    ("config.json", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported"),
+    ("tokenizer.json", {"model": {"type": "BPE", "vocab": {}, "merges": []}, "added_tokens": []}, "has an empty vocabulary"),
+    ("tokenizer.json", {"model": {"type": "BPE", "vocab": {"a": "zero"}, "merges": []}}, "token 'a' has id 'zero'"),
+])
+def test_a_malformed_folder_is_one_line_naming_the_file(plain_hf, tmp_path, file, edit, needle):
+    import shutil
+
+    from birdbone.bridge.convert import convert
+
+    hf = tmp_path / "hf"
+    shutil.copytree(plain_hf, hf)
+    doc = json.loads((hf / file).read_text())
+    (hf / file).write_text(json.dumps({**doc, **edit}))
+    with pytest.raises(BirdboneError) as e:
+        convert(hf, tmp_path / "x.gguf", "F32")
+    assert needle in str(e.value) and file in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "x.gguf").exists()

@@ -58,8 +58,11 @@ def vocab_metadata(folder: Path, config: dict) -> dict:
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise InputError(path, "is not a byte-level BPE tokenizer (model.type BPE with a vocab); pass --like A.gguf to take a vocabulary")
     vocab = dict(model["vocab"])
-    added = [a for a in tok.get("added_tokens") or [] if isinstance(a, dict) and isinstance(a.get("id"), int)]
+    added = [a for a in tok.get("added_tokens") or [] if isinstance(a, dict) and isinstance(a.get("id"), int) and isinstance(a.get("content"), str)]
     vocab.update({a["content"]: a["id"] for a in added})
+    bad = next((k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool)), None)
+    if not vocab or bad is not None:
+        raise InputError(path, "has an empty vocabulary" if not vocab else f"token {bad!r} has id {vocab[bad]!r}, not a whole number")
     n = max(int(config.get("vocab_size") or 0), max(vocab.values()) + 1)
     tokens, types = [f"[PAD{i}]" for i in range(n)], [TOKEN_USER_DEFINED] * n  # ids the tokenizer leaves unused, as llama.cpp pads them
     for s, i in vocab.items():
@@ -103,21 +106,27 @@ def model_metadata(config: dict, fam: Family, where: Path) -> dict:
     """The ``{arch}.*`` hyper-parameters llama.cpp's loader reads, from config.json."""
     a = fam.arch
     hidden, layers, heads = _int(config, "hidden_size", where), _int(config, "num_hidden_layers", where), _int(config, "num_attention_heads", where)
-    kv = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
+    kv = _int(config, "num_key_value_heads", where) if config.get("num_key_value_heads") is not None else heads
+    head_dim = _int(config, "head_dim", where) if config.get("head_dim") is not None else hidden // heads
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise InputError(where, f"config.json: rope settings {rope!r} are not a mapping")
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise InputError(where, f"config.json: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported by birdbone's converter yet")
     if config.get("use_sliding_window"):
         raise InputError(where, "config.json: sliding-window attention is not supported by birdbone's converter yet")
     theta = rope.get("rope_theta") or config.get("rope_theta") or 10000.0
-    meta = {f"{a}.context_length": (int(config.get("max_position_embeddings") or 2048), V.UINT32, None),
+    eps = config.get("rms_norm_eps") or 1e-6
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in (theta, eps)):
+        raise InputError(where, f"config.json: rope_theta {theta!r} and rms_norm_eps {eps!r} must be positive numbers")
+    context = _int(config, "max_position_embeddings", where) if config.get("max_position_embeddings") is not None else 2048
+    meta = {f"{a}.context_length": (context, V.UINT32, None),
             f"{a}.embedding_length": (hidden, V.UINT32, None),
             f"{a}.block_count": (layers, V.UINT32, None),
             f"{a}.feed_forward_length": (_int(config, "intermediate_size", where), V.UINT32, None),
             f"{a}.attention.head_count": (heads, V.UINT32, None),
-            f"{a}.attention.head_count_kv": (int(kv), V.UINT32, None),
-            f"{a}.attention.layer_norm_rms_epsilon": (float(config.get("rms_norm_eps") or 1e-6), V.FLOAT32, None),
+            f"{a}.attention.head_count_kv": (kv, V.UINT32, None),
+            f"{a}.attention.layer_norm_rms_epsilon": (float(eps), V.FLOAT32, None),
             f"{a}.rope.freq_base": (float(theta), V.FLOAT32, None),
             f"{a}.rope.dimension_count": (int(head_dim), V.UINT32, None),
             f"{a}.vocab_size": (_int(config, "vocab_size", where), V.UINT32, None)}
@@ -140,7 +149,7 @@ def hf_to_gguf(src: Path, out: Path, out_type: str, progress=None) -> Path:
     fam = family_of_model_type(config.get("model_type"))
     meta = {"general.name": (folder.name, V.STRING, None), "general.file_type": (FILE_TYPE_OF[out_type], V.UINT32, None),
             **model_metadata(config, fam, folder / "config.json"), **vocab_metadata(folder, config)}
-    heads = config["num_attention_heads"]
+    heads = config["num_attention_heads"]  # checked by model_metadata above
     with open_model(src) as m:
         state = {n: m.tensor(n) for n in m.tensors}
     tensors = to_gguf_tensors(fam.arch, config["num_hidden_layers"], heads, config.get("num_key_value_heads") or heads, state)
