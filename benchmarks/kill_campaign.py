@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -38,49 +36,8 @@ ROOT = HERE.parent
 OUT = HERE / "results" / "kill_campaign"
 sys.path.insert(0, str(ROOT))
 
-DEFECTS = ("partial", "rerun_failed", "resumed_differently", "temps_left")
-
-
-def one_kill(verb: str, inputs: dict, folder: Path, at_s: float, uncut: dict[str, str]) -> dict:
-    from birdbone.io.atomic import TEMP_PREFIX, clean_stale_temps
-    from tests.kill_targets import WRITERS, command, start
-
-    w = WRITERS[verb]
-    folder.mkdir(parents=True)
-    out = folder / w.name
-    p = start(command(verb, inputs, out))
-    try:
-        p.wait(timeout=at_s)
-    except Exception:  # still running at the kill point: the usual case
-        pass
-    with_output = p.poll() is None
-    if with_output:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    row = {"at_s": round(at_s, 3), "killed": with_output, "finished": w.claims_done(out)}
-    if row["finished"]:
-        try:
-            w.check(out)
-        except Exception as e:  # noqa: BLE001 - any failure of the check is the defect we count
-            row["partial"] = f"{type(e).__name__}: {str(e)[:200]}"
-    rerun = start(command(verb, inputs, out))
-    rc = rerun.wait(timeout=900)
-    if not (rc == 0 or (rc == 2 and row["finished"])):
-        row["rerun_failed"] = f"exit {rc}: {rerun.stderr.read().decode(errors='replace').strip()[-200:]}"
-    elif w.bytes_of(out) != uncut:
-        row["resumed_differently" if w.resumes else "other_bytes"] = True
-    for t in folder.glob(TEMP_PREFIX + "*"):  # the killed process's, once it is gone and they are stale
-        old = time.time() - 3600
-        os.utime(t, (old, old))
-    clean_stale_temps(folder)
-    if list(folder.glob(TEMP_PREFIX + "*")):
-        row["temps_left"] = True
-    shutil.rmtree(folder)
-    return row
-
-
 def run_writer(verb: str, inputs: dict, work: Path, kills: int, seed: int) -> dict:
-    from tests.kill_targets import WRITERS, command, start
+    from tests.kill_targets import DEFECTS, WRITERS, command, kill_and_rerun, start
 
     w = WRITERS[verb]
     whole = work / f"{verb.replace(' ', '_')}-whole"
@@ -95,7 +52,9 @@ def run_writer(verb: str, inputs: dict, work: Path, kills: int, seed: int) -> di
     rng = random.Random(f"{seed}-{verb}")
     rows = []
     for k in range(kills):
-        rows.append(one_kill(verb, inputs, work / f"{verb.replace(' ', '_')}-cut{k}", rng.uniform(0, 1.1 * uncut_s), uncut))
+        folder = work / f"{verb.replace(' ', '_')}-cut{k}"
+        rows.append(kill_and_rerun(verb, inputs, folder, rng.uniform(0, 1.1 * uncut_s), uncut))
+        shutil.rmtree(folder)
         print(f"  {verb} {k + 1}/{kills}: {rows[-1]}", flush=True)
     shutil.rmtree(whole)
     counts = {d: sum(1 for r in rows if d in r) for d in (*DEFECTS, "other_bytes")}
@@ -146,6 +105,8 @@ def main() -> int:
         write_text_atomic(result_json, json.dumps(res, indent=1) + "\n")
         write_text_atomic(args.out.with_suffix(".md"), markdown(res))
     print(markdown(res))
+    from tests.kill_targets import DEFECTS
+
     bad = sum(r[d] for r in res["writers"].values() for d in DEFECTS)
     return 1 if bad else 0
 

@@ -11,29 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-TINY_RECIPE = """\
-name: kill-loop
-seed: 3
-stages: [map, profile, waves, budget, export, verify]
-profile: {tokens: 256, ctx: 64}
-waves:
-  target_density: 0.7
-  heal: {steps: 3, batch: 2, seq: 32}
-  eval_tokens: 256
-  eval_ctx: 64
-  calibration_tokens: 256
-budget:
-  method: greedy
-  target_bytes: Q4_K_M
-  sensitivity: {val_tokens: 256, val_ctx: 64, passes: 2, seq: 32}
-verify: {tokens: 256, ctx: 64, canary_tokens: 4, decode: 4, max_kld: 0.01, reference: Q4_K_M, reference_slack_pct: 0.5}
-"""
+from tests.fixtures.tiny import TINY_RECIPE
+
 SYNAPSE_STEPS = 8
 SYNAPSE_SETS = ["--set", f"steps={SYNAPSE_STEPS}", "--set", "vocab=300", "--set", "batch=2", "--set", "seq=32", "--set", "model.n_layer=1",
                 "--set", "model.n_embd=32", "--set", "model.intermediate=48", "--set", "model.rank_eligibility=4", "--set", "eval_every=4",
@@ -138,3 +125,53 @@ def sha_tree(path: Path) -> dict[str, str]:
     """The bytes of a file, or of every file under a folder, by relative name."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p.relative_to(path)) if p != path else p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+DEFECTS = ("partial", "rerun_failed", "resumed_differently", "temps_left")
+
+
+def kill_and_rerun(verb: str, inputs: dict, folder: Path, at_s: float, uncut: dict[str, str]) -> dict:
+    """One probe: run ``verb`` into ``folder``, SIGKILL its process group at ``at_s`` seconds (unless
+    it ended first), rerun it, and judge what is there. The row names every defect found (any of
+    :data:`DEFECTS`) beside where the kill landed; ``other_bytes`` is reported, not a defect."""
+    from birdbone.io.atomic import TEMP_PREFIX, clean_stale_temps
+
+    w = WRITERS[verb]
+    folder.mkdir(parents=True)
+    out = folder / w.name
+    p = start(command(verb, inputs, out))
+    try:
+        p.wait(timeout=at_s)
+    except subprocess.TimeoutExpired:  # still running at the kill point: the usual case
+        pass
+    with_output = p.poll() is None
+    if with_output:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    row = {"at_s": round(at_s, 3), "killed": with_output, "finished": w.claims_done(out)}
+    if row["finished"] and (why := _passes(w.check, out)) is not True:
+        row["partial"] = why
+    rerun = start(command(verb, inputs, out))
+    rc = rerun.wait(timeout=900)
+    if not (rc == 0 or (rc == 2 and row["finished"])):
+        row["rerun_failed"] = f"exit {rc}: {rerun.stderr.read().decode(errors='replace').strip()[-200:]}"
+    elif not _passes(w.check, out):
+        row["rerun_failed"] = "the rerun's output fails its completeness check"
+    elif w.bytes_of(out) != uncut:
+        row["resumed_differently" if w.resumes else "other_bytes"] = True
+    for t in folder.glob(TEMP_PREFIX + "*"):  # the killed process's, once it is gone and they are stale
+        old = time.time() - 3600
+        os.utime(t, (old, old))
+    clean_stale_temps(folder)
+    if list(folder.glob(TEMP_PREFIX + "*")):
+        row["temps_left"] = True
+    return row
+
+
+def _passes(check: Callable[[Path], None], out: Path) -> bool | str:
+    """True, or what the completeness check raised (any failure of it is the defect counted)."""
+    try:
+        check(out)
+        return True
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e)[:200]}"

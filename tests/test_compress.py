@@ -17,27 +17,8 @@ from birdbone.io.config import load_config
 from birdbone.io.errors import BirdboneError
 from birdbone.io.model_file import open_model
 from birdbone.recipe.config import Recipe, diff_recipes, load_recipe
+from tests.fixtures.tiny import TINY_RECIPE
 from tests.test_cli import birdbone
-
-# a full loop small enough for CI: a healing wave (3 LoRA steps), a plan, a reference to beat
-TINY_RECIPE = """\
-name: tiny-loop
-seed: 3
-stages: [map, profile, waves, budget, export, verify]
-profile: {tokens: 256, ctx: 64}
-waves:
-  target_density: 0.7
-  heal: {steps: 3, batch: 2, seq: 32}
-  eval_tokens: 256
-  eval_ctx: 64
-  calibration_tokens: 256
-budget:
-  method: greedy
-  target_bytes: Q4_K_M
-  sensitivity: {val_tokens: 256, val_ctx: 64, passes: 2, seq: 32}
-# limits a broken stage would cross: measured KLD 0.0002 (a 50× margin), ppl 0.3 % under Q4_K_M + the same imatrix
-verify: {tokens: 256, ctx: 64, canary_tokens: 4, decode: 4, max_kld: 0.01, reference: Q4_K_M, reference_slack_pct: 0.5}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -150,9 +150,9 @@ def test_structured_pruning_runs_on_the_llama_family_and_refuses_others_in_one_l
 
 
 def test_compress_passes_its_guardrails(family, tmp_path):
-    """gentle's stages at the tiny model's sizes (tests/kill_targets.TINY_RECIPE): map, profile,
+    """gentle's stages at the tiny model's sizes (tests/fixtures/tiny.TINY_RECIPE): map, profile,
     healed waves, the greedy budget at Q4_K_M's bytes, export, and the guardrails."""
-    from tests.kill_targets import TINY_RECIPE
+    from tests.fixtures.tiny import TINY_RECIPE
     from tests.test_cli import birdbone
 
     model_type, hf, model, gguf = family

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 
 import pytest
 
-from birdbone.io.atomic import TEMP_PREFIX, clean_stale_temps
-from tests.kill_targets import ONE_SHOT, WRITERS, command, make_inputs, start
+from tests.kill_targets import DEFECTS, ONE_SHOT, WRITERS, command, kill_and_rerun, make_inputs, start
 
 # Kill points drawn at random for every run, one anywhere and one in the last half (most of a run is
 # imports; the writing comes last). BIRDBONE_KILL_SEED replays a failing draw.
@@ -41,24 +39,7 @@ def test_kill_9_anywhere_leaves_nothing_partial(inputs, tmp_path, verb):
     uncut = time.time() - t0
     w.check(tmp_path / "whole" / w.name)
     for k, fraction in enumerate(kill_fractions(verb)):
-        print(f"cut {k}: killed at {fraction:.3f} of {uncut:.1f} s (BIRDBONE_KILL_SEED={SEED})")  # shown when it fails
-        folder = tmp_path / f"cut{k}"
-        folder.mkdir()
-        out = folder / w.name
-        p = start(command(verb, inputs, out))
-        time.sleep(uncut * fraction)
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        finished = out.exists()
-        if finished:
-            w.check(out)  # it looks complete, so it is
-        rerun = start(command(verb, inputs, out))
-        rc = rerun.wait(timeout=300)
-        assert rc == 0 or (rc == 2 and finished), (rc, rerun.stderr.read())  # the rerun succeeds, or refuses a finished folder output
-        w.check(out)
-        temps = list(folder.glob(TEMP_PREFIX + "*"))
-        for t in temps:  # the killed process's: removed once their process is gone and they are stale
-            old = time.time() - 3600
-            os.utime(t, (old, old))
-        clean_stale_temps(folder)
-        assert not list(folder.glob(TEMP_PREFIX + "*")), temps
+        # nothing that looks complete is partial, the rerun succeeds (or refuses a finished folder output) with a
+        # complete output, and the killed process's temporaries go once it is gone and they are stale
+        row = kill_and_rerun(verb, inputs, tmp_path / f"cut{k}", uncut * fraction, w.bytes_of(tmp_path / "whole" / w.name))
+        assert not set(row) & set(DEFECTS), (row, f"killed at {fraction:.3f} of {uncut:.1f} s (BIRDBONE_KILL_SEED={SEED})")

@@ -13,7 +13,7 @@ import numpy as np
 from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
 from gguf.tensor_mapping import get_tensor_name_map
 
-from birdbone.io.families import ARCHS, family_of_arch
+from birdbone.io.families import ARCHS
 from birdbone.io.errors import BirdboneError
 
 # GGUF architectures whose q/k rows are permuted relative to Hugging Face (the family table's word)
@@ -25,10 +25,6 @@ def _arch_enum(arch: str) -> MODEL_ARCH:
         if v == arch:
             return k
     raise BirdboneError(f"architecture {arch!r} is unknown to gguf-py")
-
-
-def check_supported(arch: str) -> None:
-    family_of_arch(arch)
 
 
 @lru_cache(maxsize=32)

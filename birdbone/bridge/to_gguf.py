@@ -11,7 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from birdbone.bridge.names import check_supported, to_gguf_tensors
+from birdbone.bridge.names import to_gguf_tensors
+from birdbone.io.families import family_of_arch
 from birdbone.io.errors import BirdboneError
 from birdbone.io.gguf_writer import write_like
 from birdbone.io.model_file import ModelFile
@@ -23,7 +24,7 @@ def state_dict_to_gguf(state: dict[str, np.ndarray], parent: ModelFile, out: str
                        progress: Callable[[int, int], None] | None = None) -> Path:
     """A Hugging Face state dict (numpy) -> GGUF with the parent's metadata (names and q/k order fixed)."""
     arch = parent.architecture
-    check_supported(arch)
+    family_of_arch(arch)  # outside the table: one line naming the supported ones
     n_layers = int(parent.meta(f"{arch}.block_count"))
     n_head = int(parent.meta(f"{arch}.attention.head_count"))
     n_head_kv = int(parent.meta(f"{arch}.attention.head_count_kv", n_head))

@@ -32,16 +32,15 @@ def load_causal_lm(model: str | Path):
     try:
         if path.is_file() and path.suffix == ".gguf":
             from birdbone.io.families import check_fits, family_of_arch
-            from birdbone.bridge.names import check_supported
             from birdbone.io.model_file import open_model
 
             with open_model(path) as m:
-                check_supported(m.architecture)
+                family = family_of_arch(m.architecture)  # outside the table: one line naming the supported ones
                 if m.architecture == "deci":  # per-layer widths: transformers has no deci model (bridge/shaped.py)
                     from birdbone.bridge.shaped import load_shaped_lm
 
                     return load_shaped_lm(path)
-                check_fits(m, family_of_arch(m.architecture))  # a missing bias or a wrong shape: one line, not transformers' report
+                check_fits(m, family)  # a missing bias or a wrong shape: one line, not transformers' report
                 head_dim = m.meta(f"{m.architecture}.attention.key_length")
             # transformers' GGUF loader draws a tqdm bar on stderr whatever its settings say
             with contextlib.redirect_stderr(io.StringIO()):

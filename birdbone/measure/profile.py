@@ -100,8 +100,9 @@ class _Recorder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_head
         self.targets: dict[str, torch.nn.Linear] = {}
         named = gguf_linears(lm, self.arch)
+        known = {id(mod) for _, mod in named.values()}
         for hf_name, mod in lm.named_modules():  # a layer's linear without a GGUF name would be silently unprofiled
-            if isinstance(mod, torch.nn.Linear) and ".layers." in hf_name and all(m is not mod for _, m in named.values()):
+            if isinstance(mod, torch.nn.Linear) and ".layers." in hf_name and id(mod) not in known:
                 raise InputError(None, f"no GGUF name for {hf_name} of a {self.arch} model")
         for name, (hf_name, mod) in named.items():
             if hf_name == "lm_head":
