@@ -47,18 +47,16 @@ class Inspection:
 
 def family_info(m) -> dict:
     """What the family table says of this model: its family, whether the torch verbs take it, and
-    the traits that set it apart (a tied head, q/k/v biases, q/k norms)."""
+    the traits that set it apart (a tied head, q/k/v biases, q/k norms, gemma's norm offset ...)."""
     from birdbone.io.errors import BirdboneError
-    from birdbone.io.families import family_of_arch, family_of_model_type
+    from birdbone.io.families import family_of_arch, family_of_model_type, traits
 
     tied = "output.weight" not in m.tensors and "lm_head.weight" not in m.tensors
     try:
         fam = family_of_arch(m.architecture) if m.format == "gguf" else family_of_model_type(m.metadata.get("config", {}).get("model_type"))
     except BirdboneError as e:
         return {"family": None, "torch": False, "why": str(e), "tied_embeddings": tied}
-    traits = [t for t, on in (("q/k rows permuted", fam.permuted_qk), ("q/k/v biases", fam.attn_bias), ("q/k norms", fam.qk_norm),
-                                     ("fused q/k/v and gate/up", fam.fused)) if on]
-    return {"family": fam.model_type, "torch": True, "why": None, "tied_embeddings": tied, "traits": traits}
+    return {"family": fam.model_type, "torch": True, "why": None, "tied_embeddings": tied, "traits": traits(fam)}
 
 
 def family_line(f: dict) -> str:

@@ -11,13 +11,14 @@ Qwen, Llama 3, SmolLM); SentencePiece folders still need ``--like``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 from gguf.constants import GGUFValueType as V
 from gguf.constants import Keys
 
-from birdbone.io.families import Family, family_of_model_type
+from birdbone.io.families import Family, attention_scalar, family_of_model_type, ordinal, swa_layer_types
 from birdbone.io.errors import BirdboneError, InputError
 from birdbone.io.inputs import read_json
 
@@ -29,6 +30,7 @@ SPLIT_PRE = {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe"}
 CHECK_TEXT = ("Hello World! It's 2026; we'll test 12345 numbers, don't we?\n\n  indented\tTabs  and   spaces.\n"
               "Ünïcödé — “quotes” … 日本語 and emoji 🦴.\nFirst Citizen:\nBefore we proceed any further, hear me speak.")
 K = Keys.Tokenizer
+log = logging.getLogger(__name__)
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
 
@@ -59,11 +61,16 @@ def vocab_metadata(folder: Path, config: dict) -> dict:
         raise InputError(path, "is not a byte-level BPE tokenizer (model.type BPE with a vocab); pass --like A.gguf to take a vocabulary")
     vocab = dict(model["vocab"])
     added = [a for a in tok.get("added_tokens") or [] if isinstance(a, dict) and isinstance(a.get("id"), int) and isinstance(a.get("content"), str)]
+    rows = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
+    beyond = [a for a in added if rows is not None and a["id"] >= rows]
+    if beyond:  # transformers' gemma tokenizer adds <mask> past the embedding: an id no row can embed
+        log.warning("%s: %s left out: beyond the model's %d embedding rows", path, ", ".join(f"{a['content']!r} (id {a['id']})" for a in beyond), rows)
+        added = [a for a in added if a not in beyond]
     vocab.update({a["content"]: a["id"] for a in added})
     bad = next((k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool)), None)
     if not vocab or bad is not None:
         raise InputError(path, "has an empty vocabulary" if not vocab else f"token {bad!r} has id {vocab[bad]!r}, not a whole number")
-    n = max(int(config.get("vocab_size") or 0), max(vocab.values()) + 1)
+    n = max(rows or 0, max(vocab.values()) + 1)
     tokens, types = [f"[PAD{i}]" for i in range(n)], [TOKEN_USER_DEFINED] * n  # ids the tokenizer leaves unused, as llama.cpp pads them
     for s, i in vocab.items():
         if not 0 <= i < n:
@@ -102,23 +109,70 @@ def _int(config: dict, key: str, where: Path) -> int:
     return v
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+
+
+def _rope(config: dict, fam: Family, where: Path) -> dict:
+    """The rope keys: the global layers' base, and the sliding layers' where they have their own (gemma3)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise InputError(where, f"config.json: rope settings {rope!r} are not a mapping")
+    by_layer = {k: rope[k] for k in ("full_attention", "sliding_attention") if k in rope}  # per layer type (gemma3)
+    if any(not isinstance(v, dict) for v in by_layer.values()):
+        raise InputError(where, f"config.json: rope settings {rope!r} are not a mapping per layer type")
+    for r in by_layer.values() or [rope]:
+        if r.get("rope_type", r.get("type", "default")) not in ("default", None):
+            raise InputError(where, f"config.json: rope scaling {r.get('rope_type', r.get('type'))!r} is not supported by birdbone's converter yet")
+    theta = by_layer.get("full_attention", rope).get("rope_theta") or config.get("rope_theta") or 10000.0
+    local = by_layer.get("sliding_attention", {}).get("rope_theta") or config.get("rope_local_base_freq")
+    if not _number(theta) or (local is not None and not _number(local)):
+        raise InputError(where, f"config.json: rope_theta {theta!r} must be a positive number")
+    if local is not None and local != 10000.0:
+        raise InputError(where, f"config.json: the sliding layers' rope_theta is {local!r}; llama.cpp fixes it at 10000 for {fam.arch}")
+    return {f"{fam.arch}.rope.freq_base": (float(theta), V.FLOAT32, None)}
+
+
+def _gemma(config: dict, fam: Family, where: Path, layers: int, hidden: int, heads: int, head_dim: int) -> dict:
+    """What llama.cpp's gemma graphs fix or read: soft-caps, the sliding window and its pattern,
+    the attention scale, the activation and the tied head. A value it cannot honour is one line."""
+    a, meta = fam.arch, {}
+    if config.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise InputError(where, f"config.json: hidden_activation {config['hidden_activation']!r}; llama.cpp's {a} runs gelu_pytorch_tanh")
+    if fam.tied_only and config.get("tie_word_embeddings") is False:
+        raise InputError(where, f"config.json: tie_word_embeddings is false; llama.cpp's {a} reads its output head from the embedding")
+    want = attention_scalar(a, layers, hidden, heads, head_dim)
+    if config.get("query_pre_attn_scalar", want) != want:
+        raise InputError(where, f"config.json: query_pre_attn_scalar is {config['query_pre_attn_scalar']!r}; llama.cpp's {a} scales "
+                                f"attention by 1/sqrt({want}) at this size")
+    caps = {"attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping"}
+    for key, gguf_key in caps.items():
+        v = config.get(key)
+        if fam.softcap and not _number(v):
+            raise InputError(where, f"config.json: {key} is {v!r}; llama.cpp's {a} always soft-caps, by a positive number")
+        if not fam.softcap and v is not None:
+            raise InputError(where, f"config.json: {key} is {v!r}; llama.cpp's {a} does not soft-cap")
+        if fam.softcap:
+            meta[f"{a}.{gguf_key}"] = (float(v), V.FLOAT32, None)
+    window = _int(config, "sliding_window", where)
+    pattern = swa_layer_types(fam, layers)
+    if config.get("layer_types", pattern) != pattern:
+        raise InputError(where, f"config.json: layer_types is not every {ordinal(fam.swa_period)} layer global, the one pattern llama.cpp's {a} runs")
+    meta[f"{a}.attention.sliding_window"] = (window, V.UINT32, None)
+    return meta
+
+
 def model_metadata(config: dict, fam: Family, where: Path) -> dict:
     """The ``{arch}.*`` hyper-parameters llama.cpp's loader reads, from config.json."""
     a = fam.arch
     hidden, layers, heads = _int(config, "hidden_size", where), _int(config, "num_hidden_layers", where), _int(config, "num_attention_heads", where)
     kv = _int(config, "num_key_value_heads", where) if config.get("num_key_value_heads") is not None else heads
     head_dim = _int(config, "head_dim", where) if config.get("head_dim") is not None else hidden // heads
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise InputError(where, f"config.json: rope settings {rope!r} are not a mapping")
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise InputError(where, f"config.json: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported by birdbone's converter yet")
-    if config.get("use_sliding_window"):
+    if config.get("use_sliding_window") and not fam.swa_period:
         raise InputError(where, "config.json: sliding-window attention is not supported by birdbone's converter yet")
-    theta = rope.get("rope_theta") or config.get("rope_theta") or 10000.0
     eps = config.get("rms_norm_eps") or 1e-6
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in (theta, eps)):
-        raise InputError(where, f"config.json: rope_theta {theta!r} and rms_norm_eps {eps!r} must be positive numbers")
+    if not _number(eps):
+        raise InputError(where, f"config.json: rms_norm_eps {eps!r} must be a positive number")
     context = _int(config, "max_position_embeddings", where) if config.get("max_position_embeddings") is not None else 2048
     meta = {f"{a}.context_length": (context, V.UINT32, None),
             f"{a}.embedding_length": (hidden, V.UINT32, None),
@@ -127,12 +181,14 @@ def model_metadata(config: dict, fam: Family, where: Path) -> dict:
             f"{a}.attention.head_count": (heads, V.UINT32, None),
             f"{a}.attention.head_count_kv": (kv, V.UINT32, None),
             f"{a}.attention.layer_norm_rms_epsilon": (float(eps), V.FLOAT32, None),
-            f"{a}.rope.freq_base": (float(theta), V.FLOAT32, None),
+            **_rope(config, fam, where),
             f"{a}.rope.dimension_count": (int(head_dim), V.UINT32, None),
             f"{a}.vocab_size": (_int(config, "vocab_size", where), V.UINT32, None)}
     if fam.head_dim_keys or head_dim != hidden // heads:
         meta[f"{a}.attention.key_length"] = (int(head_dim), V.UINT32, None)
         meta[f"{a}.attention.value_length"] = (int(head_dim), V.UINT32, None)
+    if fam.arch.startswith("gemma"):
+        meta |= _gemma(config, fam, where, layers, hidden, heads, head_dim)
     return meta
 
 

@@ -2,7 +2,8 @@
 
 llama.cpp's converter permutes the rows of q and k for the llama family (its rope pairs
 adjacent dimensions, Hugging Face's pairs halves); transformers undoes that on GGUF load, so
-writing back must apply it again: :func:`permute_qk`.
+writing back must apply it again: :func:`permute_qk`. Gemma's norms are stored as ``weight + 1``
+(the family table's ``norm_offset``); transformers subtracts it on GGUF load, writing adds it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
 from gguf.tensor_mapping import get_tensor_name_map
 
-from birdbone.io.families import ARCHS
+from birdbone.io.families import ARCHS, family_of_arch
 from birdbone.io.errors import BirdboneError
 
 # GGUF architectures whose q/k rows are permuted relative to Hugging Face (the family table's word)
@@ -36,7 +37,8 @@ def _name_map(arch: str, n_layers: int):
 def hf_to_gguf_name(arch: str, n_layers: int, hf_name: str) -> str | None:
     name = _name_map(arch, n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
-        return None
+        # gguf-py gives a head only to families that may untie it (not gemma2); a tied head is still the head
+        return "output.weight" if hf_name == "lm_head.weight" else None
     # gguf-py returns the suffix it matched with; add it only when it did not
     if name.endswith((".weight", ".bias")):
         return name
@@ -60,6 +62,7 @@ def unpermute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np
 def to_gguf_tensors(arch: str, n_layers: int, n_head: int, n_head_kv: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rename (and re-permute) a Hugging Face state dict into GGUF tensors."""
     out, unknown = {}, []
+    offset = family_of_arch(arch).norm_offset
     for hf_name, arr in state.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed by both runtimes
@@ -71,6 +74,8 @@ def to_gguf_tensors(arch: str, n_layers: int, n_head: int, n_head_kv: int, state
             arr = permute_qk(arr, n_head, n_head)
         elif arch in PERMUTED_QK and name.endswith("attn_k.weight"):
             arr = permute_qk(arr, n_head, n_head_kv)
+        elif offset and name.endswith("norm.weight"):
+            arr = arr + np.asarray(offset, arr.dtype)  # in the tensor's own precision, as transformers subtracts it
         out[name] = arr
     if unknown:
         raise BirdboneError(f"no GGUF name for {len(unknown)} tensor(s) of a {arch} model: {', '.join(unknown[:5])}")

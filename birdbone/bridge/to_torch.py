@@ -31,7 +31,7 @@ def load_causal_lm(model: str | Path):
     hf_logging.set_verbosity_error()
     try:
         if path.is_file() and path.suffix == ".gguf":
-            from birdbone.io.families import check_fits, family_of_arch
+            from birdbone.io.families import check_fits, family_of_arch, hf_config_overrides
             from birdbone.io.model_file import open_model
 
             with open_model(path) as m:
@@ -41,12 +41,12 @@ def load_causal_lm(model: str | Path):
 
                     return load_shaped_lm(path)
                 check_fits(m, family)  # a missing bias or a wrong shape: one line, not transformers' report
-                head_dim = m.meta(f"{m.architecture}.attention.key_length")
+                overrides = hf_config_overrides(m, family)
             # transformers' GGUF loader draws a tqdm bar on stderr whatever its settings say
             with contextlib.redirect_stderr(io.StringIO()):
                 config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-                if head_dim:  # a head width of its own (qwen3): transformers' GGUF mapping does not read it
-                    config.head_dim = int(head_dim)
+                for key, value in overrides.items():
+                    setattr(config, key, value)
                 lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32)
             _drop_gguf_marker(lm)
         elif path.is_dir():

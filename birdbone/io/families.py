@@ -11,7 +11,16 @@ what the bridge must do alike, both ways:
 * ``head_dim_keys``: the head width is its own hyper-parameter, written as
   ``attention.key_length`` / ``value_length`` (qwen3 decouples it from hidden / heads);
 * ``fused``: q/k/v are one matrix (``attn_qkv``) and gate/up one (``ffn_up``, gate rows first), as
-  phi3 stores them on both sides.
+  phi3 stores them on both sides;
+* ``norm_offset``: every RMS norm scales by ``1 + weight`` in transformers (gemma), so the GGUF
+  stores ``weight + 1``; transformers subtracts it again on GGUF load;
+* ``post_norms``: a norm after attention and one after the FFN (``post_attention_norm``,
+  ``post_ffw_norm``), beside the two before (gemma);
+* ``tied_only``: llama.cpp's graph has no output head of its own; the embedding is the head (gemma2);
+* ``softcap``: attention and final logits are soft-capped, ``cap * tanh(x / cap)`` (gemma2);
+* ``swa_period``: every ``swa_period``-th layer attends globally, the others within
+  ``attention.sliding_window`` tokens, a pattern llama.cpp fixes per architecture (gemma2 2,
+  gemma3 6); the same holds for the attention scale, ``1 / sqrt(head_dim)``.
 
 Tensor names come from gguf-py's own table (:mod:`birdbone.bridge.names`). Families llama.cpp
 runs but the bridge does not handle yet are listed in :data:`NOT_YET` with what stands in the way,
@@ -37,6 +46,11 @@ class Family:
     qk_norm: bool = False
     head_dim_keys: bool = False
     fused: bool = False
+    norm_offset: float = 0.0
+    post_norms: bool = False
+    tied_only: bool = False
+    softcap: bool = False
+    swa_period: int = 0
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -45,13 +59,27 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen2", "qwen2", "Qwen2ForCausalLM", attn_bias=True),
     Family("qwen3", "qwen3", "Qwen3ForCausalLM", qk_norm=True, head_dim_keys=True),
     Family("phi3", "phi3", "Phi3ForCausalLM", fused=True),
+    Family("gemma2", "gemma2", "Gemma2ForCausalLM", head_dim_keys=True, norm_offset=1.0, post_norms=True, tied_only=True, softcap=True,
+           swa_period=2),
+    Family("gemma3_text", "gemma3", "Gemma3ForCausalLM", qk_norm=True, head_dim_keys=True, norm_offset=1.0, post_norms=True, swa_period=6),
 )}
 # GGUF architectures the bridge reads and writes: every family's, and deci (per-layer widths, bridge/shaped.py)
 ARCHS = {f.arch: f for f in reversed(FAMILIES.values())} | {"deci": FAMILIES["llama"]}
 NOT_YET = {
-    "gemma2": "its norms store weight + 1 and its logits are soft-capped",
-    "gemma3": "its norms store weight + 1 and it alternates sliding and global attention",
+    "gemma3": "the multimodal Gemma3ForConditionalGeneration; its text model, model_type gemma3_text, is supported",
 }
+
+
+def traits(fam: Family) -> list[str]:
+    """What sets a family apart, in words (``inspect``'s family line)."""
+    return [t for t, on in (("q/k rows permuted", fam.permuted_qk), ("q/k/v biases", fam.attn_bias), ("q/k norms", fam.qk_norm),
+                            ("fused q/k/v and gate/up", fam.fused), ("norms store weight + 1", fam.norm_offset),
+                            ("norms after attention and FFN", fam.post_norms), ("soft-capped logits", fam.softcap),
+                            (f"sliding window, every {ordinal(fam.swa_period)} layer global", fam.swa_period)) if on]
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def supported_list() -> str:
@@ -109,7 +137,9 @@ def expected_shapes(m, fam: Family) -> tuple[dict[str, tuple[int, ...]], set[str
             shapes |= {b + "attn_q.bias": (n_head * hd,), b + "attn_k.bias": (n_kv * hd,), b + "attn_v.bias": (n_kv * hd,)}
         if fam.qk_norm:
             shapes |= {b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)}
-    return shapes, {"output.weight"}
+        if fam.post_norms:
+            shapes |= {b + "post_attention_norm.weight": (n_embd,), b + "post_ffw_norm.weight": (n_embd,)}
+    return shapes, set() if fam.tied_only else {"output.weight"}
 
 
 def check_fits(m, fam: Family) -> None:
@@ -126,3 +156,41 @@ def check_fits(m, fam: Family) -> None:
     extra = next((n for n in m.tensors if n not in shapes and n not in optional), None)
     if extra is not None:
         raise InputError(m.path, f"holds {extra}, which a {fam.model_type} model has no place for")
+
+
+# llama.cpp's values where a gemma GGUF leaves a key out (llama_hparams' defaults)
+GEMMA_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "attention.sliding_window": 4096}
+BIG_GEMMA_LAYERS = {"gemma2": 46, "gemma3": 62}  # the 27B models, which llama.cpp scales by hidden / heads
+
+
+def attention_scalar(arch: str, n_layer: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The ``query_pre_attn_scalar`` llama.cpp's gemma graphs use: not read from the file, fixed by size."""
+    return hidden // heads if BIG_GEMMA_LAYERS.get(arch) == n_layer else head_dim
+
+
+def hf_config_overrides(m, fam: Family) -> dict:
+    """The transformers config values a GGUF of ``fam`` sets the way llama.cpp reads them, where
+    transformers' own GGUF config reader leaves them out (its defaults would be another model)."""
+    a = m.architecture
+    out = {}
+    if m.meta(f"{a}.attention.key_length"):
+        out["head_dim"] = int(m.meta(f"{a}.attention.key_length"))  # a head width of its own (qwen3), which transformers' mapping does not read
+    if not a.startswith("gemma"):
+        return out
+    hidden, layers, heads = (int(m.meta(f"{a}.{k}")) for k in ("embedding_length", "block_count", "attention.head_count"))
+    head_dim = out.get("head_dim", hidden // heads)
+    out["query_pre_attn_scalar"] = attention_scalar(a, layers, hidden, heads, head_dim)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        out[key] = float(m.meta(f"{a}.{key}", GEMMA_DEFAULTS[key])) if fam.softcap else None
+    out["sliding_window"] = int(m.meta(f"{a}.attention.sliding_window", GEMMA_DEFAULTS["attention.sliding_window"]))
+    out["layer_types"] = swa_layer_types(fam, layers)
+    if a == "gemma3":  # global layers at the file's base, sliding ones at llama.cpp's fixed 10000
+        theta = float(m.meta(f"{a}.rope.freq_base", 1_000_000.0))
+        out["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": theta},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    return out
+
+
+def swa_layer_types(fam: Family, n_layer: int) -> list[str]:
+    """transformers' ``layer_types`` for llama.cpp's fixed pattern: every ``swa_period``-th layer global."""
+    return ["full_attention" if (i + 1) % fam.swa_period == 0 else "sliding_attention" for i in range(n_layer)]
