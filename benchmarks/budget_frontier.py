@@ -1,6 +1,7 @@
 """Precision plans against llama.cpp's own mixes at equal bytes, given the same importance matrix.
 
-Per subject (the built-in model's F16 form, and the float subject from make_float_model.py):
+Per subject (the built-in model's F16 form, and the float subjects from make_float_model.py:
+``float`` the llama one, ``float-qwen2`` the one made with ``--arch qwen2``, and so on):
 
 * llama.cpp's Q3_K_M, Q4_K_M, Q5_K_M, without and with birdbone's importance matrix (``birdbone
   profile`` of the F16 file on ../shared/data/wikitext-2-tok/valid.txt);
@@ -37,18 +38,23 @@ REPO = HERE.parent
 DATA = REPO.parent / "shared" / "data"
 WORK = HERE / "results" / "work" / "budget"
 OUT = HERE / "results" / "budget_frontier"
-FLOAT_SUBJECT = HERE / "results" / "work" / "float-subject-f16.gguf"
 log = logging.getLogger("budget_frontier")
 
 
 def subject_file(name: str) -> Path:
+    """The F16 parent of a subject: ``builtin``, ``float`` (the llama float subject) or ``float-ARCH``."""
     from birdbone.io.float_form import float_form
+    from make_float_model import subject_paths
 
     if name == "builtin":
         return float_form("builtin")
-    if not FLOAT_SUBJECT.exists():
-        raise SystemExit(f"{FLOAT_SUBJECT} is missing: run python benchmarks/make_float_model.py first (about an hour)")
-    return FLOAT_SUBJECT
+    if name != "float" and not name.startswith("float-"):
+        raise SystemExit(f"subject {name!r}: builtin, float or float-ARCH (a float subject of another family)")
+    arch = name.removeprefix("float").removeprefix("-") or "llama"
+    f16 = subject_paths(arch)[2]
+    if not f16.exists():
+        raise SystemExit(f"{f16} is missing: run python benchmarks/make_float_model.py --arch {arch} first (about an hour)")
+    return f16
 
 
 def score(path: Path, parent: Path, args) -> dict:

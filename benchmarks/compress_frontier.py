@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from budget_frontier import FLOAT_SUBJECT, subject_file  # noqa: E402  (the same subjects as the budget frontier)
+from budget_frontier import subject_file  # noqa: E402  (the same subjects as the budget frontier)
 
 DATA = HERE.parent.parent / "shared" / "data"
 WORK = HERE / "results" / "work" / "compress"
@@ -54,7 +54,7 @@ def run_subject(name: str, args) -> dict:
     from birdbone.recipe.config import load_recipe
 
     parent = subject_file(name)
-    model = "builtin" if name == "builtin" else FLOAT_SUBJECT
+    model = "builtin" if name == "builtin" else parent
     calibration, test = DATA / "wikitext-2-tok" / "valid.txt", DATA / "wikitext-2-raw" / "wiki.test.raw"
     verify = [f"verify.tokens={args.tokens}", "verify.ctx=512", "verify.canary_tokens=0", "verify.decode=32", f"seed={args.seed}"]
     rows = []
