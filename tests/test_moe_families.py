@@ -32,7 +32,7 @@ def test_inspect_counts_the_experts_and_says_the_torch_verbs_refuse(moe):
     r = inspect_model(base, tensors=True)
     f = r.info["family"]
     assert f["experts"] == 4 and f["experts_per_token"] == 2 and f["torch"] is False and "mixture of experts" in f["why"], f
-    organs = {t["name"]: t["role"] for t in r.info["tensors"] if "exps" in t["name"] or "gate_inp" in t["name"]}
+    organs = {t["name"]: t["role"] for t in r.tensors if "exps" in t["name"] or "gate_inp" in t["name"]}
     assert organs and set(organs.values()) == {"organ"}, organs  # experts and routers are organs, by the roles table
     line = birdbone("inspect", base).stdout
     assert "4 experts (2 per token)" in line and "refuse" in line
@@ -69,18 +69,17 @@ def test_quantize_writes_the_experts_and_llama_cpp_runs_them_near_the_parent(moe
     assert 0 < r["kld_mean"] < 0.01, r
 
 
-def test_a_hand_written_plan_applies_and_budget_says_why_it_cannot_plan(moe, tmp_path):
+def test_per_tensor_types_apply_and_budget_says_why_it_cannot_plan(moe, tmp_path):
     from birdbone.io.model_file import open_model
 
     kind, base, _ = moe
-    plan = {"types": {"blk.0.ffn_down_exps.weight": "Q4_0", "blk.1.ffn_down_exps.weight": "Q8_0"}}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
-    birdbone("quantize", base, "--plan", tmp_path / "plan.json", "-o", tmp_path / "q.gguf")
+    birdbone("quantize", base, "--type", "Q8_0", "--tensor-type", "ffn_down_exps=Q4_0", "-o", tmp_path / "q.gguf")
     with open_model(tmp_path / "q.gguf") as m:
-        assert {n: m.tensors[n].type for n in plan["types"]} == plan["types"]
+        types = {n: m.tensors[n].type for n in m.tensors if "_exps" in n}
+    assert types and all(t == ("Q4_0" if "down" in n else "Q8_0") for n, t in types.items()), types
     p = birdbone("budget", base, "--target-bpw", "5", "-o", tmp_path / "made.json", check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "mixture of experts" in p.stderr, p.stderr
-    assert "quantize --plan" in p.stderr and not (tmp_path / "made.json").exists()
+    assert "quantize --tensor-type" in p.stderr and not (tmp_path / "made.json").exists()
 
 
 def test_graft_moves_one_layers_experts_and_refuses_another_expert_count(moe, tmp_path):
@@ -109,3 +108,12 @@ def test_the_torch_verbs_refuse_in_one_line(moe, tmp_path, verb):
     p = birdbone(verb[0], base, *verb[1:], *extra, "-o", tmp_path / "out", check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "experts" in p.stderr and "mixture of experts" in p.stderr and not (tmp_path / "out").exists(), p.stderr
+
+
+def test_a_recipe_without_torch_stages_compresses_a_mixture_of_experts(moe, tmp_path):
+    """map, export (no imatrix) and verify only read files: the refusal is for the torch stages, not for compress."""
+    kind, base, _ = moe
+    (tmp_path / "files.yaml").write_text("name: files-only\nstages: [map, export, verify]\nexport: {type: Q8_0, imatrix: false}\n"
+                                         "verify: {tokens: 128, ctx: 64, canary_tokens: 4, decode: 4, max_kld: 0.01}\n")
+    r = json.loads(birdbone("compress", base, "-r", tmp_path / "files.yaml", "-o", tmp_path / "c.gguf", "--json").stdout)
+    assert r["passed"] is True and list(r["stages"]) == ["map", "export", "verify"], r

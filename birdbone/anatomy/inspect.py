@@ -49,18 +49,23 @@ def family_info(m) -> dict:
     """What the family table says of this model: its family, whether the torch verbs take it, and
     the traits that set it apart (a tied head, q/k/v biases, q/k norms, gemma's norm offset ...)."""
     from birdbone.io.errors import BirdboneError
-    from birdbone.io.families import family_of_arch, family_of_model_type, traits
+    from birdbone.io.families import family_of_file, family_of_model_type, traits
 
     tied = "output.weight" not in m.tensors and "lm_head.weight" not in m.tensors
+    config = m.metadata.get("config", {}) if m.format != "gguf" else {}
+    moe = {"experts": int(m.meta(f"{m.architecture}.expert_count", 0) or config.get("num_local_experts") or config.get("num_experts") or 0),
+           "experts_per_token": int(m.meta(f"{m.architecture}.expert_used_count", 0) or config.get("num_experts_per_tok") or 0)}
     try:
-        fam = family_of_arch(m.architecture) if m.format == "gguf" else family_of_model_type(m.metadata.get("config", {}).get("model_type"))
+        fam = family_of_file(m) if m.format == "gguf" else family_of_model_type(config.get("model_type"))
     except BirdboneError as e:
-        return {"family": None, "torch": False, "why": str(e), "tied_embeddings": tied}
-    return {"family": fam.model_type, "torch": True, "why": None, "tied_embeddings": tied, "traits": traits(fam)}
+        return {"family": None, "torch": False, "why": str(e), "tied_embeddings": tied, **moe}
+    return {"family": fam.model_type, "torch": True, "why": None, "tied_embeddings": tied, "traits": traits(fam), **moe}
 
 
 def family_line(f: dict) -> str:
     head = "tied head" if f["tied_embeddings"] else "untied head"
+    if f.get("experts"):
+        head += f", {f['experts']} experts ({f['experts_per_token']} per token)"
     if not f["torch"]:
         return f"family: {head}; the torch verbs (profile, prune, heal, budget, compress) refuse it: {f['why']}"
     return f"family: {f['family']} ({', '.join([head, *f['traits']])}); every verb takes it"

@@ -31,11 +31,11 @@ def load_causal_lm(model: str | Path):
     hf_logging.set_verbosity_error()
     try:
         if path.is_file() and path.suffix == ".gguf":
-            from birdbone.io.families import check_fits, family_of_arch, hf_config_overrides
+            from birdbone.io.families import check_fits, family_of_file, hf_config_overrides
             from birdbone.io.model_file import open_model
 
             with open_model(path) as m:
-                family = family_of_arch(m.architecture)  # outside the table: one line naming the supported ones
+                family = family_of_file(m)  # outside the table (experts too): one line naming the supported ones
                 if m.architecture == "deci":  # per-layer widths: transformers has no deci model (bridge/shaped.py)
                     from birdbone.bridge.shaped import load_shaped_lm
 

@@ -65,8 +65,11 @@ FAMILIES = {f.model_type: f for f in (
 )}
 # GGUF architectures the bridge reads and writes: every family's, and deci (per-layer widths, bridge/shaped.py)
 ARCHS = {f.arch: f for f in reversed(FAMILIES.values())} | {"deci": FAMILIES["llama"]}
+MOE = "a mixture of experts, which the bridge has no expert map for yet; inspect, measure, dissect, assemble, graft, quantize and eval take it"
 NOT_YET = {
     "gemma3": "the multimodal Gemma3ForConditionalGeneration; its text model, model_type gemma3_text, is supported",
+    # GGUF architectures and Hugging Face model_types of the mixture-of-experts families
+    "qwen2moe": MOE, "qwen3moe": MOE, "qwen2_moe": MOE, "qwen3_moe": MOE, "mixtral": MOE,
 }
 
 
@@ -92,6 +95,26 @@ def family_of_arch(arch: str) -> Family:
         return ARCHS[arch]
     why = f" ({NOT_YET[arch]})" if arch in NOT_YET else ""
     raise BirdboneError(f"the torch bridge supports {supported_list()}; {arch!r} is not supported yet{why}")
+
+
+def family_of_file(m) -> Family:
+    """The family of an open GGUF: its architecture's, unless it routes among experts (a Mixtral
+    GGUF is architecture llama, with ``llama.expert_count``)."""
+    experts = m.meta(f"{m.architecture}.expert_count", 0)
+    if experts:
+        raise BirdboneError(f"the torch bridge supports {supported_list()}; this {m.architecture} model is not supported yet "
+                            f"({experts} experts: {MOE})")
+    return family_of_arch(m.architecture)
+
+
+def check_bridge_takes(model) -> None:
+    """Before any work: the bridge's one line when a torch verb's GGUF is outside the table or
+    routes among experts (a Hugging Face folder is checked as transformers loads it)."""
+    from birdbone.io.model_file import open_model
+
+    with open_model(model) as m:
+        if m.format == "gguf":
+            family_of_file(m)
 
 
 def family_of_model_type(model_type: str | None) -> Family:

@@ -79,6 +79,11 @@ class CompressPlan:
                 table, Line("resolved recipe:", "bold"), Line(yaml.safe_dump(self.recipe.as_dict(), sort_keys=False).rstrip("\n"))]
 
 
+# the stages that run the model in torch (a usage profile, healing, sensitivities); map, export (unless its imatrix
+# asks for a profile) and verify read files
+TORCH_STAGES = {"profile", "structure", "waves", "scaffold", "budget"}
+
+
 def plan_steps(recipe: Recipe) -> tuple[Step, ...]:
     """The steps of ``recipe``, in the fixed stage order, each with what it reads and writes."""
     steps: list[Step] = []
@@ -144,6 +149,7 @@ def plan_compress(model: str | Path, recipe: Recipe, out: str | Path, run_dir: s
                   text: str | Path | None = None, eval_text: str | Path | None = None) -> CompressPlan:
     """The frozen plan of a compress run: checks the request (paths, inputs) and writes nothing."""
     from birdbone.io.atomic import check_output
+    from birdbone.io.families import check_bridge_takes
     from birdbone.io.model_file import resolve_model_path
 
     out = Path(out)
@@ -157,6 +163,8 @@ def plan_compress(model: str | Path, recipe: Recipe, out: str | Path, run_dir: s
             raise InputError(t, "no such file")
     check_out_path(out, run_dir)
     check_output(out, [input_path, *(p for p in (text, eval_text) if p)])
+    if set(recipe.stages) & TORCH_STAGES or (recipe.has("export") and recipe.export.imatrix):  # a usage profile: refuse now, not after the map
+        check_bridge_takes(input_path)
     return CompressPlan(str(model), input_path, out, run_dir, text, eval_text, recipe, plan_steps(recipe), finished_stages(run_dir))
 
 

@@ -319,6 +319,18 @@ class BudgetReport:
         return blocks
 
 
+def _check_torch_takes(model) -> None:
+    """A plan needs a usage profile, made in torch: a GGUF the bridge refuses (experts, a family
+    outside the table) gets the bridge's one line; per-tensor types still apply (``quantize --tensor-type``)."""
+    from birdbone.io.families import check_bridge_takes
+
+    try:
+        check_bridge_takes(model)
+    except BirdboneError as e:
+        raise BirdboneError(f"budget plans from a usage profile, made in torch, and {e}; "
+                            "per-tensor types still apply with quantize --tensor-type") from None
+
+
 def budget_model(model: str | Path = "builtin", usage: str | Path | None = None, cfg: BudgetConfig = BudgetConfig(),
                  text: str | Path | None = None, target_bpw: float | None = None, target_bytes: int | str | None = None,
                  out: str | Path | None = None, plan_in: str | Path | None = None, emit: str | None = None,
@@ -333,6 +345,7 @@ def budget_model(model: str | Path = "builtin", usage: str | Path | None = None,
         plan = read_plan(plan_in)
     else:
         if usage is None:
+            _check_torch_takes(model)  # a model profile refuses: say so now, not after the detour
             raise BirdboneError("--usage DIR is needed (make one with: birdbone profile MODEL --text FILE -o DIR)")
         plan = build_plan(model, usage, text, cfg, target_bpw, target_bytes, progress)
         if out is not None:
