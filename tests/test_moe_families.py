@@ -117,3 +117,17 @@ def test_a_recipe_without_torch_stages_compresses_a_mixture_of_experts(moe, tmp_
                                          "verify: {tokens: 128, ctx: 64, canary_tokens: 4, decode: 4, max_kld: 0.01}\n")
     r = json.loads(birdbone("compress", base, "-r", tmp_path / "files.yaml", "-o", tmp_path / "c.gguf", "--json").stdout)
     assert r["passed"] is True and list(r["stages"]) == ["map", "export", "verify"], r
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral"])
+def test_converting_a_mixture_of_experts_folder_is_one_line(tmp_path, model_type):
+    from birdbone.bridge.convert import convert
+    from birdbone.io.errors import BirdboneError
+    from tests.fixtures.tiny import make_tiny_family
+
+    hf, _ = make_tiny_family(tmp_path, "qwen2")
+    config = json.loads((hf / "config.json").read_text()) | {"model_type": model_type}
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BirdboneError, match=f"model_type '{model_type}' is not supported yet \\(a mixture of experts"):
+        convert(hf, tmp_path / "x.gguf", "F32")
+    assert not (tmp_path / "x.gguf").exists()
