@@ -145,15 +145,14 @@ def _gemma(config: dict, fam: Family, where: Path, layers: int, hidden: int, hea
     if config.get("query_pre_attn_scalar", want) != want:
         raise InputError(where, f"config.json: query_pre_attn_scalar is {config['query_pre_attn_scalar']!r}; llama.cpp's {a} scales "
                                 f"attention by 1/sqrt({want}) at this size")
-    caps = {"attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping"}
-    for key, gguf_key in caps.items():
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # the same names in config.json and the GGUF
         v = config.get(key)
         if fam.softcap and not _number(v):
             raise InputError(where, f"config.json: {key} is {v!r}; llama.cpp's {a} always soft-caps, by a positive number")
         if not fam.softcap and v is not None:
             raise InputError(where, f"config.json: {key} is {v!r}; llama.cpp's {a} does not soft-cap")
         if fam.softcap:
-            meta[f"{a}.{gguf_key}"] = (float(v), V.FLOAT32, None)
+            meta[f"{a}.{key}"] = (float(v), V.FLOAT32, None)
     window = _int(config, "sliding_window", where)
     pattern = swa_layer_types(fam, layers)
     if config.get("layer_types", pattern) != pattern:
