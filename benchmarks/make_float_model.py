@@ -124,14 +124,18 @@ def check_in_llama_cpp(path: Path) -> str:
 
 
 def build_model(args, vocab: int):
-    """A fresh model of the family, norms at 1 (tests' tiny models perturb them; a trained one starts at 1)."""
+    """A fresh model of the family, norms at 1."""
     import torch
 
     if args.arch == "llama":
         from tests.fixtures.tiny import build_hf_model
 
         model = build_hf_model(args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, vocab, args.seed, tie_embeddings=False)
-    else:
+        with torch.no_grad():  # build_hf_model perturbs the norms for tests; a trained model starts them at 1
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.fill_(1.0)
+    else:  # transformers' own initialisation: norms at 1, biases at 0
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from tests.fixtures.tiny import BOS_ID, EOS_ID, N_CTX_TRAIN, PAD_ID, RMS_EPS, ROPE_THETA
@@ -144,10 +148,6 @@ def build_model(args, vocab: int):
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config).float()
         model.config.architectures = [type(model).__name__]
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1 and p.shape[0] and not torch.all(p == 0):  # norms (biases start at 0 and stay there)
-                p.fill_(1.0)
     return model
 
 
