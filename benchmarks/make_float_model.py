@@ -21,7 +21,7 @@ apply to every 2-D tensor). This script makes one:
   wiki.test.raw (ctx 512). The model is weak; that is expected. (``-ARCH`` for families other
   than llama; the llama subject keeps its first names.)
 
-    python benchmarks/make_float_model.py [--minutes 60] [--arch qwen2]
+    python benchmarks/make_float_model.py [--minutes 60 | --steps N] [--arch qwen2]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def train(model, tokens: np.ndarray, args) -> dict:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
     budget = args.minutes * 60.0
-    total = None
+    total = args.steps  # None: set from the measured speed
     curve, t_start, step = [], time.perf_counter(), 0
     model.train()
     while total is None or step < total:
@@ -103,7 +103,7 @@ def train(model, tokens: np.ndarray, args) -> dict:
         opt.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - t_start
-        if step == 20:  # fix the schedule from the measured speed
+        if step == 20 and args.steps is None:  # fix the schedule from the measured speed
             total = max(step, args.warmup + 1, int(budget / (elapsed / step)))
             log.info("%.2f s/step: %d steps fit in %.0f min", elapsed / step, total, args.minutes)
         if step % 50 == 0 or step == total or step == 1:
@@ -177,6 +177,7 @@ def write_subject(model, args, vocab: int, tokenizer_json: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=60.0, help="training wall-clock budget")
+    ap.add_argument("--steps", type=int, help="train exactly this many steps (to make a recorded subject again) instead of a --minutes budget")
     ap.add_argument("--arch", default="llama", help="the model family (config.json's model_type): llama, qwen2, qwen3, ...")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=256)
@@ -235,7 +236,7 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     md = [
         "# Float subject model", "",
-        f"`python benchmarks/make_float_model.py --minutes {args.minutes:g}" + ("" if args.arch == "llama" else f" --arch {args.arch}") + "`", "",
+        "`python benchmarks/make_float_model.py " + (f"--steps {args.steps}" if args.steps else f"--minutes {args.minutes:g}") + ("" if args.arch == "llama" else f" --arch {args.arch}") + "`", "",
         f"{args.arch}, hidden {args.hidden}, FFN {args.intermediate}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, "
         f"vocab {vocab}, {n_params / 1e6:.2f} M parameters, untied output head.", "",
         f"Trained {record['steps']} steps ({record['tokens_seen'] / 1e6:.1f} M tokens, {record['seconds'] / 60:.1f} min, "
