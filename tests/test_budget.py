@@ -208,6 +208,31 @@ def test_a_mixed_quant_input_never_gets_a_tensor_back_on_its_own_grid(tiny_k, us
     assert len(grids) == len(set(stored.values())), plan.notes  # one note per grid, each naming its tensors
 
 
+def test_a_mixed_quant_input_keeps_its_grid_only_where_the_target_mix_keeps_it_too(tiny_k, usage_dir, tmp_path):
+    """A Hub Q4_K_M at Q4_K_M's size: llama.cpp's own mix puts most tensors back on their grid (a
+    near-lossless rebuild), so the plan may too, on exactly those tensors; at Q4_K_S's size the
+    Q6_K tensors that Q4_K_S gives Q5_K stay excluded."""
+    from birdbone.remodel.budget import Planner, dry_mix
+    from birdbone.remodel.sensitivity import SensitivityConfig
+
+    mixed = tmp_path / "q4km.gguf"
+    quantize_file(tiny_k.gguf_f16, mixed, "Q4_K_M")
+    with open_model(mixed) as m:
+        stored = {n: t.type for n, t in m.tensors.items() if len(t.shape) == 2}
+    cfg = BudgetConfig(method="greedy", sensitivity=SensitivityConfig(val_tokens=256, val_ctx=64, passes=2, seq=32))
+    planner = Planner.open(mixed, usage_dir, None, cfg)
+    for mix in ("Q4_K_M", "Q4_K_S"):
+        mix_types = dry_mix(planner.source, mix, planner.imatrix).types
+        shared = {n for n, t in stored.items() if mix_types.get(n) == t}
+        plan = planner.plan(target_bytes=mix)
+        kept = {n for n, t in plan.types.items() if t == stored[n]}
+        assert kept and kept <= shared, (mix, kept - shared)  # the rule took effect, and only where the mix keeps the grid
+        assert plan.header_bytes + plan.tensor_bytes <= dry_mix(planner.source, mix, planner.imatrix).file_bytes
+        assert any(f"allowed back on the {sum(stored[n] == g for n in shared)} tensors" in note for g in {stored[n] for n in shared}
+                   for note in plan.notes), plan.notes
+    assert shared != set(stored), "Q4_K_S gives some of Q4_K_M's Q6_K tensors another type: the test needs such a tensor"
+
+
 def test_bad_budget_requests(tiny, tiny_k, usage_dir, tmp_path):
     def error(*args):
         p = birdbone(*args, check=False)

@@ -111,11 +111,16 @@ def cap_bytes(target_bpw: float | None, target_bytes: int | None, n_params: int,
     return cap
 
 
-def mix_bytes(source: Path, mix: str, imatrix: str | Path | None) -> int:
-    """The file size of a llama.cpp mix (Q4_K_M ...) of ``source``, from llama.cpp's dry run."""
+def dry_mix(source: Path, mix: str, imatrix: str | Path | None):
+    """llama.cpp's dry run of a mix (Q4_K_M ...) of ``source``: its file size and type per tensor."""
     from birdbone.io.quantize import quantize_file
 
-    return quantize_file(source, None, mix, imatrix=imatrix, dry_run=True).file_bytes
+    return quantize_file(source, None, mix, imatrix=imatrix, dry_run=True)
+
+
+def mix_bytes(source: Path, mix: str, imatrix: str | Path | None) -> int:
+    """The file size of a llama.cpp mix (Q4_K_M ...) of ``source``, from llama.cpp's dry run."""
+    return dry_mix(source, mix, imatrix).file_bytes
 
 
 @dataclass
@@ -137,9 +142,24 @@ class Planner:
     sens: Sensitivity
     notes: list[str]
     tensor_exclude: dict[str, set[str]] = field(default_factory=dict)  # a tensor's own grid and that grid's artifacts
+    grids: dict[str, str] = field(default_factory=dict)  # each excluded tensor's own grid
 
-    def excluded_for(self, name: str) -> set[str]:
-        return self.exclude | self.tensor_exclude.get(name, set())
+    def excluded_for(self, name: str, shared: frozenset[str] = frozenset()) -> set[str]:
+        """``shared``: tensors the reference mix itself puts back on their own grid, which they may keep."""
+        own = {self.grids[name]} if name in shared else set()
+        return self.exclude | (self.tensor_exclude.get(name, set()) - own)
+
+    def shared_grids(self, target_bytes: int | str | None) -> frozenset[str]:
+        """The tensors a named llama.cpp mix target gives their own grid: there the reference gets
+        the lossless rebuild as well, so refusing it would lose for a reason that is not skill (a
+        Hub Q4_K_M parent at Q4_K_M's size). Elsewhere the grid stays excluded (the built-in model's
+        Q4_1, which no K mix writes)."""
+        from birdbone.io.types import canonical
+
+        if not self.grids or not isinstance(target_bytes, str) or target_bytes.strip().isdigit():
+            return frozenset()
+        types = dry_mix(self.source, canonical(target_bytes), self.imatrix).types
+        return frozenset(n for n, g in self.grids.items() if types.get(n) == g)
 
     @classmethod
     def open(cls, model: str | Path, usage_dir: str | Path, text: str | Path | None, cfg: BudgetConfig,
@@ -192,7 +212,7 @@ class Planner:
         if narrow:
             notes.append(f"row widths {', '.join(map(str, narrow))} are not multiples of 256: those tensors cannot take K-quants (32-block types only)")
         return cls(str(model), source, file_sha256(source), imatrix if imatrix.exists() else None, cfg, shapes, exclude,
-                   usage_scores(usage, names), fixed, header, n_params, sens, notes, tensor_exclude)
+                   usage_scores(usage, names), fixed, header, n_params, sens, notes, tensor_exclude, grids)
 
     def cap(self, target_bpw: float | None = None, target_bytes: int | str | None = None) -> tuple[int, str]:
         """The cap on planned tensors' bytes, and the target in words; ``target_bytes`` may name a mix."""
@@ -214,11 +234,14 @@ class Planner:
         from dataclasses import replace
 
         from birdbone.io.config import config_dict
+        from birdbone.io.types import canonical
 
         method = method or self.cfg.method
         cfg = replace(self.cfg, method=method)
         cap, words = self.cap(target_bpw, target_bytes)
-        ladders = {n: Ladder(n, shape, options_for(shape, cfg.types, self.excluded_for(n)), self.scores[n]) for n, shape in self.shapes.items()}
+        shared = self.shared_grids(target_bytes)
+        excluded = {n: self.excluded_for(n, shared) for n in self.shapes}
+        ladders = {n: Ladder(n, shape, options_for(shape, cfg.types, excluded[n]), self.scores[n]) for n, shape in self.shapes.items()}
         timing = self.time_cap(cfg)
         if method == "usage":
             plan_usage(ladders, cap, cfg, self.sens, progress)
@@ -228,11 +251,14 @@ class Planner:
                       "screen": l.screen, "exact": l.exact} for n, l in ladders.items()}
         types = {n: l.option.type for n, l in ladders.items()}
         notes = list(self.notes)
+        for g, k in sorted(Counter(self.grids[n] for n in shared).items()):
+            notes.append(f"{g} allowed back on the {k} tensors stored in it that llama.cpp's {canonical(target_bytes)} also puts in {g}: "
+                         "the reference keeps that grid there too")
         if timing:
             notes.append(f"time cap {1e3 * timing[1]:.2f} ms a token ({self.cap_words(cfg)}); the plan is predicted at "
                          f"{1e3 * timing[0].seconds(types):.2f} ms by this host's time model")
         return Plan(self.model, str(self.source), self.source_sha256, str(self.imatrix) if self.imatrix else None, method, cap, words,
-                    self.fixed_bytes, self.header_bytes, self.n_params, sorted(self.exclude.union(*self.tensor_exclude.values())), types, detail, config_dict(cfg), notes,
+                    self.fixed_bytes, self.header_bytes, self.n_params, sorted(set().union(*excluded.values())), types, detail, config_dict(cfg), notes,
                     1e3 * timing[0].seconds(types) if timing else None, 1e3 * timing[1] if timing else None)
 
     def time_cap(self, cfg: BudgetConfig) -> tuple | None:
@@ -244,9 +270,7 @@ class Planner:
         types = tuple(t for t in cfg.types if t not in self.exclude)
         if cfg.max_decode_ms is not None:
             return time_model(self.source, self.shapes, types), cfg.max_decode_ms / 1e3
-        from birdbone.io.quantize import quantize_file
-
-        mix = quantize_file(self.source, None, cfg.no_slower_than, imatrix=self.imatrix, dry_run=True).types
+        mix = dry_mix(self.source, cfg.no_slower_than, self.imatrix).types
         mix = {n: t for n, t in mix.items() if n in self.shapes}
         # the reference mix may use a type the plan may not (Q4_0's mix holds Q4_1 here): the model must price it
         tm = time_model(self.source, self.shapes, tuple(dict.fromkeys([*types, *mix.values()])))
