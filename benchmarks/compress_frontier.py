@@ -116,15 +116,20 @@ def main() -> int:
     out = Path(args.out)
     results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "args": vars(args),
                "machine": {"platform": platform.platform(), "python": platform.python_version()}, "subjects": []}
-    if out.with_suffix(".json").exists():  # keep the other subjects of an earlier run
+    run_subjects(out, results, args.subjects.split(","), lambda name: run_subject(name, args), markdown)
+    return 0
+
+
+def run_subjects(out: Path, results: dict, names: list[str], run_one, markdown) -> None:
+    """Run each subject, writing ``out``.json/.md after each; the other subjects of an earlier run are kept."""
+    if out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
-        results["subjects"] = [s for s in old.get("subjects", []) if s["subject"] not in args.subjects.split(",")]
-    for name in args.subjects.split(","):
-        results["subjects"].append(run_subject(name, args))
+        results["subjects"] = [s for s in old.get("subjects", []) if s["subject"] not in names]
+    for name in names:
+        results["subjects"].append(run_one(name))
         out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
         out.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,12 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import resource
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +49,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 from budget_frontier import subject_file  # noqa: E402
-from compress_frontier import columns  # noqa: E402
+from compress_frontier import columns, run_subjects  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 CALIBRATION, OTHER_DOMAIN = DATA / "wikitext-2-tok" / "valid.txt", DATA / "tinyshakespeare" / "input.txt"
@@ -101,7 +103,7 @@ def run_compress(parent: Path, stem: str, sets: list[str], args) -> tuple[dict, 
     seconds = time.time() - t0
     if p.returncode not in (0, 3):  # 3: a guardrail failed, which the report says
         raise SystemExit(f"{stem}: compress failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the largest child so far: run the heavy subject alone
     return json.loads(p.stdout), seconds, peak
 
 
@@ -116,7 +118,7 @@ def run_subject(name: str, args) -> dict:
     if not parent.exists():
         quantize_file(true_f16, parent, args.parent_mix, threads=args.threads)
     with open_model(parent) as m:
-        parent_types = dict(sorted(__import__("collections").Counter(t.type for t in m.tensors.values() if len(t.shape) >= 2).items()))
+        parent_types = dict(sorted(Counter(t.type for t in m.tensors.values() if len(t.shape) >= 2).items()))
         n_params = m.n_params
     report, seconds, peak = run_compress(parent, f"{name}-gentle", [], args)
     ev, ref = report["verify"]["eval"], report["verify"]["reference"]
@@ -136,28 +138,28 @@ def run_subject(name: str, args) -> dict:
         result["vs_float_form"][label] = columns(r["verify"]["eval"])
         result.setdefault("variants", {})[label] = {"seconds": round(sec, 1), "passed": r["passed"], "types": r["stages"]["export"]["types"]}
         files[label] = WORK / f"{stem}.gguf"
-    files.update(llama_cpp_files(name, parent, "Q4_K_M", imatrix, args))
+    form = float_form(parent)
+    files.update(llama_cpp_files(name, parent, form, "Q4_K_M", imatrix, args))
     result["vs_true_float"] = {label: columns(evaluate(path, true_f16, OTHER_DOMAIN, cfg).as_dict()) for label, path in files.items()}
     for label in ("the parent as shipped", "llama.cpp Q4_K_M + imatrix, from the quantized parent"):
-        result["vs_float_form"][label] = columns(evaluate(files[label], float_form(parent), OTHER_DOMAIN, cfg).as_dict())
+        result["vs_float_form"][label] = columns(evaluate(files[label], form, OTHER_DOMAIN, cfg).as_dict())
     for target in filter(None, args.smaller.split(",")):  # below the parent's size, where a plan has choices to make
         stem = f"{name}-gentle-{target}"
         r, sec, _ = run_compress(parent, stem, [f"budget.target_bytes={target}", f"verify.reference={target}"], args)
         files = {f"birdbone compress -r gentle --set budget.target_bytes={target}": WORK / f"{stem}.gguf",
-                 **llama_cpp_files(name, parent, target, WORK / f"{stem}.run" / "profile" / "imatrix.gguf", args)}
+                 **llama_cpp_files(name, parent, form, target, WORK / f"{stem}.run" / "profile" / "imatrix.gguf", args)}
         result.setdefault("smaller", {})[target] = {
             "seconds": round(sec, 1), "passed": r["passed"], "types": r["stages"]["export"]["types"],
             "vs_true_float": {label: columns(evaluate(path, true_f16, OTHER_DOMAIN, cfg).as_dict()) for label, path in files.items()}}
     return result
 
 
-def llama_cpp_files(name: str, parent: Path, mix: str, imatrix: Path, args) -> dict[str, Path]:
-    """llama.cpp's ``mix`` with ``imatrix``, made from the parent's float form and from the quantized parent itself."""
-    from birdbone.io.float_form import float_form
+def llama_cpp_files(name: str, parent: Path, form: Path, mix: str, imatrix: Path, args) -> dict[str, Path]:
+    """llama.cpp's ``mix`` with ``imatrix``, made from the parent's float form ``form`` and from the quantized parent itself."""
     from birdbone.io.quantize import quantize_file
 
     files = {}
-    for label, src in (("from the float form", float_form(parent)), ("from the quantized parent", parent)):
+    for label, src in (("from the float form", form), ("from the quantized parent", parent)):
         path = WORK / f"{name}-{mix}-{src.stem}.gguf"
         quantize_file(src, path, mix, imatrix=imatrix, threads=args.threads)
         files[f"llama.cpp {mix} + imatrix, {label}"] = path
@@ -203,15 +205,8 @@ def main() -> int:
     out = Path(args.out)
     results = {"command": " ".join(["python benchmarks/mixed_parent.py", *sys.argv[1:]]), "args": vars(args),
                "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                           "cpus": len(__import__("os").sched_getaffinity(0))}, "subjects": []}
-    if out.with_suffix(".json").exists():  # keep the other subjects of an earlier run
-        old = json.loads(out.with_suffix(".json").read_text())
-        results["subjects"] = [s for s in old.get("subjects", []) if s["subject"] not in args.subjects.split(",")]
-    for name in args.subjects.split(","):
-        results["subjects"].append(run_subject(name, args))
-        out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+                           "cpus": len(os.sched_getaffinity(0))}, "subjects": []}
+    run_subjects(out, results, args.subjects.split(","), lambda name: run_subject(name, args), markdown)
     return 0
 
 

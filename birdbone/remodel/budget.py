@@ -118,11 +118,6 @@ def dry_mix(source: Path, mix: str, imatrix: str | Path | None):
     return quantize_file(source, None, mix, imatrix=imatrix, dry_run=True)
 
 
-def mix_bytes(source: Path, mix: str, imatrix: str | Path | None) -> int:
-    """The file size of a llama.cpp mix (Q4_K_M ...) of ``source``, from llama.cpp's dry run."""
-    return dry_mix(source, mix, imatrix).file_bytes
-
-
 @dataclass
 class Planner:
     """Everything a plan needs, measured once: the float source, its ladders, usage and sensitivity.
@@ -149,17 +144,12 @@ class Planner:
         own = {self.grids[name]} if name in shared else set()
         return self.exclude | (self.tensor_exclude.get(name, set()) - own)
 
-    def shared_grids(self, target_bytes: int | str | None) -> frozenset[str]:
-        """The tensors a named llama.cpp mix target gives their own grid: there the reference gets
-        the lossless rebuild as well, so refusing it would lose for a reason that is not skill (a
-        Hub Q4_K_M parent at Q4_K_M's size). Elsewhere the grid stays excluded (the built-in model's
-        Q4_1, which no K mix writes)."""
-        from birdbone.io.types import canonical
-
-        if not self.grids or not isinstance(target_bytes, str) or target_bytes.strip().isdigit():
-            return frozenset()
-        types = dry_mix(self.source, canonical(target_bytes), self.imatrix).types
-        return frozenset(n for n, g in self.grids.items() if types.get(n) == g)
+    def shared_grids(self, mix_types: dict[str, str]) -> frozenset[str]:
+        """The tensors the target mix (``mix_types``, its type per tensor) gives their own grid: there
+        the reference gets the lossless rebuild as well, so refusing it would lose for a reason that
+        is not skill (a Hub Q4_K_M parent at Q4_K_M's size). Elsewhere the grid stays excluded (the
+        built-in model's Q4_1, which no K mix writes)."""
+        return frozenset(n for n, g in self.grids.items() if mix_types.get(n) == g)
 
     @classmethod
     def open(cls, model: str | Path, usage_dir: str | Path, text: str | Path | None, cfg: BudgetConfig,
@@ -214,32 +204,34 @@ class Planner:
         return cls(str(model), source, file_sha256(source), imatrix if imatrix.exists() else None, cfg, shapes, exclude,
                    usage_scores(usage, names), fixed, header, n_params, sens, notes, tensor_exclude, grids)
 
-    def cap(self, target_bpw: float | None = None, target_bytes: int | str | None = None) -> tuple[int, str]:
-        """The cap on planned tensors' bytes, and the target in words; ``target_bytes`` may name a mix."""
+    def cap(self, target_bpw: float | None = None, target_bytes: int | str | None = None) -> tuple[int, str, dict[str, str]]:
+        """The cap on planned tensors' bytes, the target in words, and the type per tensor of the
+        llama.cpp mix ``target_bytes`` names (``Q4_K_M``; empty when it names none): one dry run."""
         from birdbone.io.types import canonical
 
         if isinstance(target_bytes, str) and target_bytes.strip().isdigit():
             target_bytes = int(target_bytes)
+        mix_types: dict[str, str] = {}
         if isinstance(target_bytes, str):
             mix = canonical(target_bytes)
-            target_bytes = mix_bytes(self.source, mix, self.imatrix)
+            ref = dry_mix(self.source, mix, self.imatrix)
+            target_bytes, mix_types = ref.file_bytes, ref.types
             words = f"the size of llama.cpp's {mix} with the same importance matrix ({target_bytes:,} bytes)"
         else:
             words = f"{target_bpw:g} bits per weight" if target_bpw is not None else f"{target_bytes:,} bytes"
         cap = cap_bytes(target_bpw, target_bytes, self.n_params, self.header_bytes, len(self.shapes) + 1) - self.fixed_bytes
-        return cap, words
+        return cap, words, mix_types
 
     def plan(self, target_bpw: float | None = None, target_bytes: int | str | None = None, method: str | None = None,
              progress: Progress | None = None) -> Plan:
         from dataclasses import replace
 
         from birdbone.io.config import config_dict
-        from birdbone.io.types import canonical
 
         method = method or self.cfg.method
         cfg = replace(self.cfg, method=method)
-        cap, words = self.cap(target_bpw, target_bytes)
-        shared = self.shared_grids(target_bytes)
+        cap, words, mix_types = self.cap(target_bpw, target_bytes)
+        shared = self.shared_grids(mix_types)
         excluded = {n: self.excluded_for(n, shared) for n in self.shapes}
         ladders = {n: Ladder(n, shape, options_for(shape, cfg.types, excluded[n]), self.scores[n]) for n, shape in self.shapes.items()}
         timing = self.time_cap(cfg)
@@ -252,7 +244,7 @@ class Planner:
         types = {n: l.option.type for n, l in ladders.items()}
         notes = list(self.notes)
         for g, k in sorted(Counter(self.grids[n] for n in shared).items()):
-            notes.append(f"{g} allowed back on the {k} tensors stored in it that llama.cpp's {canonical(target_bytes)} also puts in {g}: "
+            notes.append(f"{g} allowed back on the {k} tensors stored in it that the target mix also puts in {g}: "
                          "the reference keeps that grid there too")
         if timing:
             notes.append(f"time cap {1e3 * timing[1]:.2f} ms a token ({self.cap_words(cfg)}); the plan is predicted at "
